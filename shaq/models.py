@@ -20,6 +20,7 @@ and carry their recurrent states and attention memories in a `State` from segmen
 
 import math
 from dataclasses import dataclass, field, fields, replace
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -123,17 +124,31 @@ class SHARNNConfig:
 # ----------------------------------------------------------------------------- state
 
 
+class LSTMState(NamedTuple):
+    """An LSTM layer's carried state: h [B, H] and c [B, H]."""
+
+    h: torch.Tensor
+    c: torch.Tensor
+
+
+class QRNNState(NamedTuple):
+    """A QRNN layer's carried state: the cell c [B, H] and the last input x_prev [B, I]
+    (which a window-2 layer sees as x_{t-1} at the first step of the next segment)."""
+
+    c: torch.Tensor
+    x_prev: torch.Tensor
+
+
 @dataclass
 class State:
     """What a model carries from one segment to the next.
 
-    rnn: one entry per recurrent layer: for an LSTM a pair (h [B, H], c [B, H]); for a QRNN a
-        pair (c [B, H], x_prev [B, I]) where x_prev is the last input (used by window 2).
+    rnn: one entry per recurrent layer, an `LSTMState` or a `QRNNState`.
     memory: one entry per block: [B, M, d] normalised states of earlier positions for blocks
         with attention, None for the others.
     """
 
-    rnn: list[tuple[torch.Tensor, torch.Tensor]]
+    rnn: list[LSTMState | QRNNState]
     memory: list[torch.Tensor | None] = field(default_factory=list)
 
     @property
@@ -146,7 +161,7 @@ def detach(state: State | None) -> State | None:
     if state is None:
         return None
     return State(
-        rnn=[tuple(t.detach() for t in pair) for pair in state.rnn],
+        rnn=[type(pair)(*(t.detach() for t in pair)) for pair in state.rnn],
         memory=[m.detach() if m is not None else None for m in state.memory],
     )
 
@@ -215,10 +230,10 @@ def run_rnn(rnn: nn.Module, x: torch.Tensor, state: tuple | None) -> tuple[torch
     if isinstance(rnn, nn.LSTM):
         hc = None if state is None else (state[0].unsqueeze(0).contiguous(), state[1].unsqueeze(0).contiguous())
         out, (h, c) = rnn(x, hc)
-        return out, (h[0], c[0])
+        return out, LSTMState(h[0], c[0])
     c0, x_prev = (None, None) if state is None else state
     out, c_last = rnn(x, c0, x_prev)
-    return out, (c_last, x[:, -1])
+    return out, QRNNState(c_last, x[:, -1])
 
 
 # ----------------------------------------------------------------------------- models
@@ -284,7 +299,13 @@ class _ByteLM(nn.Module):
             raise ValueError(
                 f"state has {len(state.rnn)} recurrent layers, this model has {len(rnns)}: "
                 "it comes from another model; start with state=None")
-        for i, ((a, b), rnn) in enumerate(zip(state.rnn, rnns)):
+        for i, (pair, rnn) in enumerate(zip(state.rnn, rnns)):
+            kind = LSTMState if isinstance(rnn, nn.LSTM) else QRNNState
+            if not isinstance(pair, kind):
+                raise ValueError(
+                    f"state of layer {i} is a {type(pair).__name__}, this model's layer {i} needs a "
+                    f"{kind.__name__}: the state comes from another model; start with state=None")
+            a, b = pair
             hidden = rnn.hidden_size
             expected_b = hidden if isinstance(rnn, nn.LSTM) else rnn.input_size
             if a.shape != (batch_size, hidden) or b.shape != (batch_size, expected_b):
