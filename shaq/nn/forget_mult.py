@@ -16,19 +16,22 @@ recurrence, run backwards. Everything else is elementwise given r:
     dz_t = (1 - f_t) * r_t      df_t = (c_{t-1} - z_t) * r_t      dc0 = f_0 * r_0
 
 Public API:
-    forget_mult(f, z, c0)            the recurrence as a custom autograd Function
-    forget_mult_reference(f, z, c0)  an obviously-correct Python loop, for tests and the book
-    qrnn_pool(gates, c0)             gate nonlinearities + recurrence + output gate, fused
-    qrnn_pool_reference(gates, c0)   the same composed from torch ops and the reference loop
+    forget_mult(f, z, c0)                    the recurrence as a custom autograd Function
+    forget_mult_reference(f, z, c0)          an obviously-correct Python loop, for tests and the book
+    qrnn_pool(gates, c0, output_gate)        gate nonlinearities + recurrence + output gate, fused
+    qrnn_pool_reference(gates, c0, output_gate)  the same from torch ops and the reference loop
 
 Implementations. A naive autograd loop records a few graph nodes per time step and its
 backward walks them all; the fast paths instead run the forward as one tight loop into a
-preallocated output and the backward as one reverse loop over r. On CPU a small C++
-extension (shaq/nn/csrc/forget_mult.cpp) does both loops over all (batch, hidden) chains in
-parallel, compiled on first use (about a minute, then cached by torch in
-~/.cache/torch_extensions). Without a compiler, if the build fails, with SHAQ_NO_EXT=1, with
-`use_extension = False`, or for tensors not on the CPU (e.g. CUDA), the same Function runs
-the loops as one or two torch ops per time step instead.
+preallocated output and the backward as one reverse loop over r. On CPU the default is a
+small C++ extension (shaq/nn/csrc/forget_mult.cpp) that runs both loops over all (batch,
+hidden) chains in parallel, vectorised over hidden units. It is compiled on first use (about
+30 s on 2 cores, then cached by torch in ~/.cache/torch_extensions). Without a compiler, if
+the build fails, with SHAQ_NO_EXT=1, with `use_extension = False`, or for tensors not on the
+CPU (e.g. CUDA), the same Function runs the loops as one torch op per time step instead.
+At B=16, T=256, H=1024 (2 cores, forward + backward) the reference loop takes ~28 ms, the
+torch-op Function ~13 ms and the extension ~6 ms; fused qrnn_pool ~15 ms against ~37 ms for
+the same gates, forget_mult and output gate as separate torch ops.
 
 Dtypes: float32 and float64 are computed as given. bf16/fp16 inputs are computed in float32
 (a long product of f's in half precision loses the state quickly) and the result is cast
@@ -66,16 +69,16 @@ def _load_extension() -> Optional[ModuleType]:
             sources=[str(_CSRC / "forget_mult.cpp")],
             # -fopenmp: at::parallel_for is an inline `#pragma omp parallel` in the headers,
             # so without it the kernels would silently run on one thread.
-            extra_cflags=["-O3", "-fopenmp", *arch],
+            extra_cflags=["-O3", "-fno-trapping-math", "-fopenmp", *arch],
             extra_ldflags=["-fopenmp"],
         )
     except Exception as e:  # no compiler, no ninja, a build error, a read-only cache, ...
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        reason = (str(e).strip().splitlines() or [""])[0][:160]  # build errors quote whole command lines
         warnings.warn(
             f"shaq: C++ forget_mult extension unavailable ({type(e).__name__}: {reason}); "
             "using the pure-PyTorch loop",
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=4,  # point at the caller of forget_mult / qrnn_pool
         )
         return None
 
