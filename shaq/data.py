@@ -1,14 +1,14 @@
 """Byte-level corpora and batching: enwik8, an offline stand-in, and (inputs, targets) segments.
 
 Every corpus is a stream of raw bytes, so the vocabulary is always the 256 byte values and there
-is no tokenizer. A typical training loop:
+is no tokenizer. A typical training loop::
 
     corpus = load_enwik8("data")              # or load_standin() without network
     train = batchify(corpus.train, 16)        # [B, N] long, row b is one contiguous stream
     for inputs, targets in iterate_segments(train, 1024, variable=True):
         ...                                   # inputs, targets: [B, T]; targets = next bytes
 
-A trainer that checkpoints mid-epoch keeps its own cursor instead of the iterator:
+A trainer that checkpoints mid-epoch keeps its own cursor instead of the iterator::
 
     length = segment_length(seq_len, variable=True, generator=g)
     inputs, targets = get_segment(train, pos, length)

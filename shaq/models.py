@@ -1,6 +1,6 @@
 """SHA-RNN, SHAQ and a plain LSTM baseline: byte-level language models over 256 symbols.
 
-One block of SHA-RNN (Merity, 2019), with every LayerNorm its own:
+One block of SHA-RNN (Merity, 2019), with every LayerNorm its own::
 
     u = LN_start(x)
     h = Drop(RNN(u))                            no residual around the recurrent layer
@@ -11,7 +11,7 @@ One block of SHA-RNN (Merity, 2019), with every LayerNorm its own:
 
 The residual bases are the *normalised* values (a and LN_ff(h)), exactly as in the reference:
 the stream is re-normalised at every sub-layer. SHAQ is the same model with a QRNN in place of
-every LSTM. All three models share one interface:
+every LSTM. All three models share one interface::
 
     model(x [B, T], state=None, targets=None, return_attention=False) -> ModelOutput
 
@@ -143,9 +143,10 @@ class QRNNState(NamedTuple):
 class State:
     """What a model carries from one segment to the next.
 
-    rnn: one entry per recurrent layer, an `LSTMState` or a `QRNNState`.
-    memory: one entry per block: [B, M, d] normalised states of earlier positions for blocks
-        with attention, None for the others.
+    Attributes:
+        rnn: one entry per recurrent layer, an `LSTMState` or a `QRNNState`.
+        memory: one entry per block: [B, M, d] normalised states of earlier positions for blocks
+            with attention, None for the others.
     """
 
     rnn: list[LSTMState | QRNNState]
