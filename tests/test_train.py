@@ -1,0 +1,191 @@
+"""The trainer: it learns, evaluates by the reference's protocol, follows its schedule, and handles
+non-finite losses; plus TrainConfig validation and device selection."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from shaq.checkpoint import load_checkpoint
+from shaq.device import autocast_dtype, pick_device
+from shaq.models import SHARNNConfig, build_model
+from shaq.train import LN2, TrainConfig, Trainer, TrainingError, evaluate
+
+
+def smoke(tmp_path, name="run", **overrides) -> TrainConfig:
+    """The smoke preset with small evaluations (2 kB), writing to tmp_path/name."""
+    return TrainConfig.smoke(out_dir=str(tmp_path / name), **{"eval_bytes": 2048, "final_bytes": 2048, **overrides})
+
+
+def read_log(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def inject_nan(trainer: Trainer, at_step: int) -> None:
+    """Make the training loss NaN on step `at_step` (1-based), as a diverging model would."""
+    forward = trainer.model.forward
+
+    def poisoned(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        if trainer.model.training and trainer.step + 1 == at_step:
+            out.loss = out.loss * float("nan")
+        return out
+
+    trainer.model.forward = poisoned
+
+
+def test_loss_falls_on_standin_and_the_run_folder_is_complete(tmp_path):
+    seen = []
+    trainer = Trainer(smoke(tmp_path, steps=30, eval_interval=15), SHARNNConfig.smoke(), callback=seen.append, verbose=False)
+    summary = trainer.fit()
+    run = tmp_path / "run"
+    assert sorted(p.name for p in run.iterdir()) == ["best.pt", "config.json", "last.pt", "metrics.jsonl", "summary.json"]
+    log = read_log(run)
+    assert [m["step"] for m in log] == list(range(1, 31))
+    assert seen == log  # the callback gets exactly what is logged
+    losses = [m["loss"] for m in log]
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 1.0, losses  # from ~ln 256 = 5.5 nats down
+    assert [m["step"] for m in log if "valid_bpb" in m] == [15, 30]
+    assert all(m["bytes"] == 4 * 32 * m["step"] for m in log)
+    assert summary["steps"] == 30 and summary["bytes"] == 30 * 4 * 32
+    assert math.isfinite(summary["valid_bpb"]) and math.isfinite(summary["test_bpb"])
+    assert summary["tested_step"] in (15, 30) and summary["valid_bytes"] == summary["test_bytes"] == 2048
+    assert json.loads((run / "summary.json").read_text()) == summary
+    config = json.loads((run / "config.json").read_text())
+    assert config["train_config"]["data"] == "standin" and config["model_config"]["rnn"] == "qrnn"
+
+
+def test_warmup_is_linear_then_constant(tmp_path):
+    Trainer(smoke(tmp_path, steps=8, warmup=4, lr=1e-3, eval_interval=0), SHARNNConfig.smoke(), verbose=False).fit()
+    lrs = [m["lr"] for m in read_log(tmp_path / "run")]
+    assert lrs == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3, 1e-3, 1e-3])
+
+
+def test_variable_lengths_and_epochs_wrap_with_adam_and_the_lstm(tmp_path):
+    # 2,000 bytes in 4 rows: an epoch is 499 input columns, so 40 steps of ~32 wrap around twice.
+    config = smoke(tmp_path, model="lstm", optimizer="adam", max_bytes=2000, steps=40, variable_seq_len=True,
+                   eval_interval=0, save_interval=0)
+    trainer = Trainer(config, SHARNNConfig.smoke(), verbose=False)
+    trainer.fit()
+    log = read_log(tmp_path / "run")
+    lengths = [m["seq_len"] for m in log]
+    assert len(set(lengths)) > 3 and all(1 <= n <= 32 for n in lengths)
+    assert log[-1]["bytes"] == 4 * sum(lengths)
+    checkpoint = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert checkpoint["epoch"] >= 2 and 0 < checkpoint["cursor"] <= 499
+    assert checkpoint["optimizer"]["param_groups"][0].get("min_trust") is None  # really Adam
+
+
+@pytest.mark.parametrize("name", ["sharnn", "shaq", "lstm"])
+def test_evaluate_carries_state_like_one_long_call(name):
+    torch.manual_seed(0)
+    model = build_model(name, SHARNNConfig.smoke(memory_len=64))
+    data = torch.randint(0, 256, (2 * 41 + 1,), dtype=torch.uint8)  # batchify drops the last byte
+    rows = data[: 2 * 41].view(2, 41).long()
+    model.eval()
+    with torch.no_grad():
+        whole = model(rows[:, :-1], targets=rows[:, 1:]).loss.item() / LN2  # every byte sees all before it
+    model.train()
+    # Segments of 7 (the last one 5 long) with state and memory carried: the same numbers.
+    assert evaluate(model, data, batch_size=2, bptt=7) == pytest.approx(whole, abs=1e-5)
+    assert model.training  # evaluate restores the mode
+    assert evaluate(model, data, batch_size=2, bptt=7, max_bytes=50) == pytest.approx(
+        evaluate(model, data[:50], batch_size=2, bptt=7), abs=1e-7)
+
+
+def test_evaluate_depends_on_the_memory():
+    """The check above can fail: with a memory shorter than the text, segments see less."""
+    torch.manual_seed(0)
+    model = build_model("sharnn", SHARNNConfig.smoke(memory_len=8)).eval()
+    with torch.no_grad():  # make the attention matter
+        for p_name, p in model.named_parameters():
+            if p_name.endswith((".qs", ".ks", ".vs")):
+                p.normal_()
+    data = torch.randint(0, 256, (82,), dtype=torch.uint8)
+    rows = data.view(2, 41).long()
+    with torch.no_grad():
+        whole = model(rows[:, :-1], targets=rows[:, 1:]).loss.item() / LN2
+    assert abs(evaluate(model, data, batch_size=2, bptt=7) - whole) > 1e-4
+
+
+def test_nonfinite_loss_stops_and_keeps_the_last_good_state(tmp_path):
+    trainer = Trainer(smoke(tmp_path, steps=10, eval_interval=0, save_interval=3), SHARNNConfig.smoke(), verbose=False)
+    inject_nan(trainer, at_step=6)
+    with pytest.raises(TrainingError, match="step 6"):
+        trainer.fit()
+    run = tmp_path / "run"
+    assert [m["step"] for m in read_log(run)] == [1, 2, 3, 4, 5]
+    saved = load_checkpoint(run / "last.pt")
+    assert saved["step"] == 5 and saved["cursor"] == 5 * 32
+    # The saved weights are those after step 5 (not step 3's save, not poisoned).
+    Trainer(smoke(tmp_path, "five", steps=5, eval_interval=0), SHARNNConfig.smoke(), verbose=False).fit()
+    reference = load_checkpoint(tmp_path / "five" / "last.pt")["model"]
+    for key, value in saved["model"].items():
+        assert torch.isfinite(value).all()
+        torch.testing.assert_close(value, reference[key], rtol=0, atol=0)
+
+
+def test_nonfinite_loss_can_be_skipped(tmp_path):
+    sums = []
+    trainer = Trainer(smoke(tmp_path, steps=8, eval_interval=0, on_nonfinite="skip"), SHARNNConfig.smoke(),
+                      callback=lambda m: sums.append(sum(p.sum().item() for p in trainer.model.parameters())),
+                      verbose=False)
+    inject_nan(trainer, at_step=4)
+    summary = trainer.fit()
+    log = read_log(tmp_path / "run")
+    assert summary["nonfinite_steps"] == 1 and summary["steps"] == 8
+    assert log[3]["skipped"] is True and log[3]["loss"] is None
+    assert not any("skipped" in m for m in log[:3] + log[4:])
+    assert sums[3] == sums[2]  # step 4 changed no weight
+    assert sums[4] != sums[3] and sums[2] != sums[1]  # the others did
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["nonfinite_steps"] == 1
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(batch_size=0), "batch_size must be >= 1"),
+    (dict(seq_len=-5), "seq_len must be >= 1"),
+    (dict(model="gru"), "model must be one of"),
+    (dict(data="wiki"), "data must be"),
+    (dict(optimizer="sgd"), "optimizer must be"),
+    (dict(steps=None, minutes=None), "set steps or minutes"),
+    (dict(lr=0), "lr must be > 0"),
+    (dict(on_nonfinite="ignore"), "on_nonfinite must be"),
+    (dict(eval_bytes=1), "eval_bytes must be >= 2"),
+    (dict(device="tpu"), "device must be one of"),
+    (dict(seq_len=4, variable_seq_len=True), "variable_seq_len needs seq_len >= 5"),
+])
+def test_train_config_rejects_impossible_values(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig.paper(**overrides)
+
+
+def test_train_config_presets():
+    assert TrainConfig.preset("paper") == TrainConfig()
+    paper = TrainConfig.paper()
+    assert (paper.optimizer, paper.lr, paper.warmup, paper.clip, paper.weight_decay) == ("lamb", 2e-3, 800, 0.25, 1.2e-6)
+    assert (paper.batch_size, paper.seq_len, paper.variable_seq_len) == (16, 1024, True)
+    assert (paper.eval_batch_size, paper.test_batch_size, paper.seed) == (16, 8, 5512)
+    assert TrainConfig.preset("smoke", steps=3).steps == 3
+    assert TrainConfig.cpu().minutes is not None
+    with pytest.raises(ValueError, match="unknown preset 'huge'"):
+        TrainConfig.preset("huge")
+
+
+def test_an_existing_run_is_not_overwritten(tmp_path):
+    Trainer(smoke(tmp_path, steps=1, eval_interval=0), SHARNNConfig.smoke(), verbose=False).fit()
+    with pytest.raises(ValueError, match="already holds a run"):
+        Trainer(smoke(tmp_path, steps=1), SHARNNConfig.smoke(), verbose=False)
+
+
+def test_device_selection():
+    assert pick_device("cpu") == torch.device("cpu")
+    expected = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    assert pick_device("auto").type == expected
+    assert autocast_dtype(torch.device("cpu"), amp=True) is None  # the CPU trains in float32
+    with pytest.raises(ValueError, match="unknown device"):
+        pick_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA GPU"):
+            pick_device("cuda")
