@@ -27,6 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from shaq.nn import QRNN, Boom, SingleHeadAttention
+from shaq.nn.dropout import Dropout
+from shaq.nn.onednn import linear
 
 
 # ----------------------------------------------------------------------------- config
@@ -194,7 +196,7 @@ class SHABlock(nn.Module):
             self.rnn = nn.LSTM(d, d, batch_first=True)
         else:
             self.rnn = QRNN(d, d, window=config.qrnn_window)
-        self.drop = nn.Dropout(config.dropout_hidden)
+        self.drop = Dropout(config.dropout_hidden)
         self.attention = None
         if use_attention:
             self.ln_mid = nn.LayerNorm(d, eps=1e-12)
@@ -215,11 +217,15 @@ class SHABlock(nn.Module):
             m = self.ln_mem(h)  # [B, T, d]
             T = x.shape[1]
             keep = max(self.config.memory_len - T, 0)
+            frozen = 0
             if memory is not None and keep > 0:
                 kv = torch.cat([memory[:, -keep:].to(m.dtype), m], dim=1)  # [B, M + T, d]
+                # A detached memory (as between training segments) needs no gradient: the
+                # attention then skips most of its backward work for keys and values.
+                frozen = 0 if memory.requires_grad else kv.shape[1] - T
             else:
                 kv = m
-            y, weights = self.attention(a, kv, return_weights=return_attention)
+            y, weights = self.attention(a, kv, return_weights=return_attention, frozen=frozen)
             h = self.drop(y) + a
             memory = kv[:, -self.config.memory_len:] if self.config.memory_len > 0 else kv[:, :0]
         h = self.ln_ff(h) + self.drop(self.boom(self.ln_xff(h)))
@@ -247,8 +253,8 @@ class _ByteLM(nn.Module):
         super().__init__()
         self.config = config
         self.embedding = nn.Embedding(config.vocab_size, config.d_model)
-        self.drop_input = nn.Dropout(config.dropout_input)
-        self.drop_output = nn.Dropout(config.dropout_output)
+        self.drop_input = Dropout(config.dropout_input)
+        self.drop_output = Dropout(config.dropout_output)
         self.decoder_bias = nn.Parameter(torch.zeros(config.vocab_size))
 
     def init_weights(self) -> None:
@@ -320,7 +326,7 @@ class _ByteLM(nn.Module):
 
     def logits_and_loss(self, h: torch.Tensor, targets: torch.Tensor | None):
         """Tied softmax: logits = h E^T + b. Loss in float32, mean nats per byte."""
-        logits = F.linear(self.drop_output(h), self.embedding.weight, self.decoder_bias)  # [B, T, 256]
+        logits = linear(self.drop_output(h), self.embedding.weight, self.decoder_bias)  # [B, T, 256]
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().flatten(0, 1), targets.long().flatten())
@@ -379,7 +385,7 @@ class LSTMLM(_ByteLM):
         super().__init__(replace(config, rnn="lstm"))
         d = config.d_model
         self.layers = nn.ModuleList(nn.LSTM(d, d, batch_first=True) for _ in range(config.n_layers))
-        self.drop = nn.Dropout(config.dropout_hidden)
+        self.drop = Dropout(config.dropout_hidden)
         self.init_weights()
 
     def recurrent_layers(self) -> list[nn.Module]:

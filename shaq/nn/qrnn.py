@@ -13,7 +13,8 @@ chapter "QRNN".
 import torch
 from torch import nn
 
-from shaq.nn.forget_mult import forget_mult
+from shaq.nn.forget_mult import qrnn_pool
+from shaq.nn.onednn import linear
 
 
 class QRNN(nn.Module):
@@ -60,11 +61,8 @@ class QRNN(nn.Module):
                 x_prev = x.new_zeros(x.shape[0], x.shape[2])
             shifted = torch.cat([x_prev.unsqueeze(1).to(x.dtype), x[:, :-1]], dim=1)  # x_{t-1}: [B, T, I]
             x = torch.cat([x, shifted], dim=-1)  # [B, T, 2I]
-        gates = self.gates(x)  # [B, T, n_gates * H]
-        if self.output_gate:
-            z, f, o = gates.chunk(3, dim=-1)
-        else:
-            z, f = gates.chunk(2, dim=-1)
-        c = forget_mult(torch.sigmoid(f), torch.tanh(z), c0)  # [B, T, H]
-        h = torch.sigmoid(o) * c if self.output_gate else c
-        return h, c[:, -1]
+        # One matmul for all gates of all time steps: this is where the FLOPs are.
+        gates = linear(x, self.gates.weight, self.gates.bias)  # [B, T, n_gates * H] as (z, f, o)
+        # tanh/sigmoid, the forget-mult and the output gate in one pass over time (and one
+        # backward pass) instead of five elementwise ops, each reading and writing [B, T, H].
+        return qrnn_pool(gates, c0, self.output_gate)

@@ -1,0 +1,119 @@
+"""Tests of the benchmark: it runs, its baseline is the same model, its FLOP count is right.
+
+No test here judges speed: timings on a shared CI machine mean nothing.
+"""
+
+import json
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import shaq.nn.onednn as onednn
+from shaq.bench import (
+    CpuMonitor,
+    PeakMemory,
+    ReferenceStyleSHARNN,
+    main,
+    model_flops_per_byte,
+)
+from shaq.models import SHAQ, SHARNN, SHARNNConfig
+
+
+def test_quick_run_writes_json_with_positive_numbers(tmp_path):
+    path = tmp_path / "bench.json"
+    results = main(["--quick", "--device", "cpu", "--no-malloc-tuning", "--json", str(path)])
+    assert json.loads(path.read_text()) == json.loads(json.dumps(results))
+    for key in ("meta", "contention", "matmul_peak", "rnn", "forget_mult", "attention", "step"):
+        assert key in results, key
+    assert results["matmul_peak"]["peak_gflops"] > 0
+    assert isinstance(results["contention"]["quiet"], bool) and results["contention"]["summary"]
+    for row in results["rnn"]:
+        for name in ("lstm", "qrnn1", "qrnn2"):
+            assert row[f"{name}_bytes_per_s"] > 0
+        assert row["qrnn1_speedup"] > 0 and row["qrnn1_peak_fraction"] > 0
+    for row in results["forget_mult"]:
+        assert row["reference_s"] > 0 and row["fast_s"] > 0 and 0 < row["forget_mult_share"]
+    assert [row["memory"] for row in results["attention"]] == [0, 64, 256]
+    assert all(row["ours_s"] > 0 and row["reference_s"] > 0 for row in results["attention"])
+    for entry in results["step"]:
+        assert set(entry["models"]) == {"shaq", "sharnn", "reference"}
+        for m in entry["models"].values():
+            assert m["bytes_per_s"] > 0 and m["mfu"] > 0 and m["train_flops_per_byte"] > 0
+            assert m["peak_memory_mb"] is None or m["peak_memory_mb"] > 0
+        assert entry["shaq_over_sharnn"] > 0 and entry["sharnn_over_reference"] > 0
+
+
+@pytest.mark.parametrize("attention_layers", [None, (0, 1, 2)])
+def test_reference_style_model_computes_the_same_function_as_sharnn(attention_layers):
+    """Eval mode, weights copied across, three segments so the memory fills and is trimmed."""
+    torch.manual_seed(0)
+    config = SHARNNConfig(d_model=16, n_layers=3, memory_len=12, attention_layers=attention_layers)
+    model = SHARNN(config).eval()
+    with torch.no_grad():  # gates away from their all-equal initial values
+        for block in model.blocks:
+            if block.attention is not None:
+                for gate in (block.attention.qs, block.attention.ks, block.attention.vs):
+                    gate.normal_()
+    reference = ReferenceStyleSHARNN.from_sharnn(model).eval()
+    x = torch.randint(0, 256, (2, 15))
+    state, hidden, memory = None, None, None
+    with torch.no_grad():
+        for segment in x.split(5, dim=1):
+            out = model(segment, state, targets=segment)
+            logits, loss, hidden, memory = reference(segment.t(), hidden, memory, targets=segment.t())
+            assert torch.allclose(logits.transpose(0, 1), out.logits, atol=1e-5)
+            assert torch.allclose(loss, out.loss, atol=1e-6)
+            state = out.state
+    kept = [m.shape[1] for m in state.memory if m is not None]
+    assert kept == [m.shape[0] for m in memory if m is not None] == [12] * len(kept)
+
+
+def test_reference_style_model_has_the_same_gradients_without_dropout():
+    """A training step of either model is the same computation (dropout off)."""
+    torch.manual_seed(0)
+    config = SHARNNConfig.smoke(memory_len=16)
+    model = SHARNN(config)
+    reference = ReferenceStyleSHARNN.from_sharnn(model)
+    x = torch.randint(0, 256, (2, 9))
+    model(x[:, :8], targets=x[:, 1:]).loss.backward()
+    reference(x[:, :8].t(), targets=x[:, 1:].t())[1].backward()
+    ours = dict(model.named_parameters())
+    for name, p in reference.named_parameters():
+        assert torch.allclose(p.grad, ours[name].grad, atol=1e-5, rtol=1e-4), name
+
+
+def test_flop_count_matches_a_hand_count():
+    # d = 8, N = 3, V = 256, two blocks, attention in block 0, T = 4, M = 6.
+    config = SHARNNConfig(d_model=8, n_layers=2, boom_expansion=3, attention_layers=(0,))
+    lstm = 2 * (8 * 32 + 8 * 32)  # input and recurrent matmuls to the 4 gates: 1024
+    boom = 2 * 8 * 24  # 384
+    keys = 6 + (1 + 2 + 3 + 4) / 4  # every query sees the 6 memory positions and 1..4 of its own
+    attention = 2 * 8 * 8 + 2 * (2 * 8 * keys)  # query projection, scores, weighted sum: 400
+    softmax = 2 * 8 * 256  # 4096
+    assert model_flops_per_byte(config, seq_len=4, memory=6) == 2 * (lstm + boom) + attention + softmax == 7312
+    qrnn2 = 2 * (2 * 8) * (3 * 8)  # window 2: [x_t; x_{t-1}] to z, f, o: 768
+    shaq = SHARNNConfig(d_model=8, n_layers=2, boom_expansion=3, attention_layers=(0,), rnn="qrnn", qrnn_window=2)
+    assert model_flops_per_byte(shaq, seq_len=4, memory=6) == 2 * (qrnn2 + boom) + attention + softmax
+
+
+def test_flop_count_agrees_with_torch_flop_counter(monkeypatch):
+    """Forward + backward = 3x the forward's matmul FLOPs, as PyTorch itself counts them."""
+    monkeypatch.setattr(onednn, "use_onednn", False)  # the counter knows aten's matmuls only
+    config = SHARNNConfig.smoke(attention_layers=(), rnn="qrnn", qrnn_window=2)
+    model = SHAQ(config)
+    x = torch.randint(0, 256, (2, 8))
+    with FlopCounterMode(display=False) as counter:
+        model(x, targets=x).loss.backward()
+    assert counter.get_total_flops() == 3 * model_flops_per_byte(config, seq_len=8, memory=0) * 2 * 8
+
+
+def test_cpu_monitor_and_peak_memory_measure_something():
+    others = CpuMonitor().idle_probe(0.05)
+    assert others is None or others >= 0
+    memory = PeakMemory(torch.device("cpu"))
+    memory.reset()
+    block = torch.ones(64, 2**20 // 4)  # 64 MiB, touched
+    peak = memory.peak()
+    del block
+    assert peak is None or peak >= 60 * 2**20
