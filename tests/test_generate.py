@@ -48,3 +48,11 @@ def test_bad_arguments():
                    dict(prompt=b"a", n=1, temperature=-1), dict(prompt=b"a", n=1, top_p=0)):
         with pytest.raises(ValueError):
             generate(model, **kwargs)
+
+
+def test_shaq_generate_is_the_function():
+    import shaq
+
+    model = SHAQ(SHARNNConfig.smoke()).eval()
+    assert shaq.generate is generate
+    assert shaq.generate(model, b"ab", n=3, seed=0) == generate(model, b"ab", n=3, seed=0)
