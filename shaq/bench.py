@@ -5,6 +5,7 @@
     python -m shaq.bench --json out.json       # also write every number as JSON
     python -m shaq.bench --bf16 --device cuda  # bfloat16 autocast, on a GPU
     python -m shaq.bench --only step --compile # one section, plus a torch.compile'd SHAQ step
+    python -m shaq.bench --profile paper       # where a paper-shape training step's time goes
 
 Everything runs side by side in one process on one device, each measurement after warm-up
 calls, reporting the median of several timed calls (CUDA is synchronised around each).
@@ -22,6 +23,8 @@ B * T. The sections:
   `ReferenceStyleSHARNN`, a re-creation of how the original sha-rnn code computes, with
   bytes/s, peak memory and model FLOP utilisation (MFU, see `model_flops_per_byte`).
 - compile (only with --compile): torch.compile of the SHAQ step at the cpu preset.
+- profile (only with --profile SHAPE): one SHAQ and one SHARNN step at that shape under
+  torch.profiler: time by phase and the operators that take it.
 
 On the CPU the benchmark first makes glibc keep freed memory for reuse
 (`tune_cpu_allocator`; --no-malloc-tuning leaves malloc alone): otherwise every training
@@ -56,6 +59,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.profiler import ProfilerActivity, profile, record_function
 
 from shaq.device import pick_device
 from shaq.models import SHAQ, SHARNN, SHARNNConfig, State, detach
@@ -659,13 +663,17 @@ def _make_step(
     params = list(model.parameters())
 
     def step():
+        # The labels cost nothing unless a profiler runs (see profile_steps).
         nonlocal carried
-        with ctx.autocast():
+        with record_function("forward"), ctx.autocast():
             loss, new_carried = forward(carried)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 0.25)
-        optimizer.step()
+        with record_function("backward"):
+            loss.backward()
+        with record_function("clip"):
+            torch.nn.utils.clip_grad_norm_(params, 0.25)
+        with record_function("optimizer"):
+            optimizer.step()
         carried = new_carried
 
     return model, step
@@ -704,6 +712,44 @@ def bench_steps(ctx: Context, plan: Plan, peak_gflops: float) -> list[dict]:
         entry["sharnn_over_reference"] = m["sharnn"]["bytes_per_s"] / m["reference"]["bytes_per_s"]
         entry["quoted_original_bytes_per_s"] = QUOTED_ORIGINAL_BYTES_PER_S.get(shape.name)
         results.append(entry)
+    return results
+
+
+PHASES = ("forward", "backward", "clip", "optimizer")
+
+
+def profile_steps(ctx: Context, plan: Plan, shape_name: str, top: int = 12) -> list[dict]:
+    """Where one training step's time goes, for SHAQ and SHARNN at one shape of the plan.
+
+    After the shape's warm-up steps, one step runs under torch.profiler. Reported per model:
+    the wall time of each phase (forward, backward, clip, optimizer) and the `top` operators
+    by self time (time inside the operator itself, not in operators it calls), each with its
+    share of the step. On CUDA, self time is device time.
+    """
+    shape = next(s for s in plan.steps if s.name == shape_name)
+    cuda = ctx.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    results = []
+    for kind in ("shaq", "sharnn"):
+        _, step = _make_step(kind, shape, ctx)
+        time_calls(step, ctx.device, shape.warmup, 0)
+        with profile(activities=activities) as prof:
+            step()
+            synchronize(ctx.device)
+        events = prof.key_averages()
+        phases = {e.key: e.cpu_time_total / 1e6 for e in events if e.key in PHASES}
+        step_s = sum(phases.values())
+
+        def self_s(e) -> float:
+            return (e.self_device_time_total if cuda else e.self_cpu_time_total) / 1e6
+
+        ops = sorted((e for e in events if e.key not in PHASES), key=self_s, reverse=True)
+        results.append({
+            "shape": shape.name, "model": kind, "step_s": step_s, "phases_s": phases,
+            "top_ops": [{"op": e.key, "calls": e.count, "self_s": self_s(e), "share": self_s(e) / step_s}
+                        for e in ops[:top]],
+        })
+        del step
     return results
 
 
@@ -812,6 +858,14 @@ def format_section(name: str, data) -> str:
                 line += f"; quoted original sha-rnn on this CPU: {e['quoted_original_bytes_per_s']:.0f} bytes/s"
             lines.append(line)
         return "\n".join(lines)
+    if name == "profile":
+        blocks = []
+        for r in data:
+            phases = ", ".join(f"{k} {_pct(v / r['step_s'])}" for k, v in r["phases_s"].items())
+            rows = [[o["op"][:48], o["calls"], o["self_s"] * 1e3, _pct(o["share"])] for o in r["top_ops"]]
+            blocks.append(f"profile of one {r['model']} step at {r['shape']}: {r['step_s']:.2f} s ({phases})\n"
+                          + table(["operator", "calls", "self ms", "of step"], rows))
+        return "\n\n".join(blocks)
     if name == "compile":
         return (f"torch.compile, SHAQ step at {data['shape']}: eager {data['eager_bytes_per_s']:.0f} bytes/s, "
                 f"compiled {data['compiled_bytes_per_s']:.0f} bytes/s ({data['speedup']:.2f}x), "
@@ -834,6 +888,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--only", nargs="+", choices=SECTIONS, help="run only these sections")
     parser.add_argument("--compile", action="store_true",
                         help="also time a torch.compile'd SHAQ step (costs minutes of compilation on a CPU)")
+    parser.add_argument("--profile", metavar="SHAPE",
+                        help="profile one SHAQ and one SHARNN step at this step shape (cpu, small, paper; with "
+                             "--quick: smoke, tiny-paper): time by phase and by operator; runs alone unless "
+                             "--only names sections too")
     parser.add_argument("--no-malloc-tuning", action="store_true",
                         help="leave glibc's malloc as it is (see tune_cpu_allocator)")
     return parser.parse_args(argv)
@@ -862,9 +920,14 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     device = pick_device(args.device)
     plan = quick_plan() if args.quick else full_plan()
+    shapes = [s.name for s in plan.steps]
+    if args.profile and args.profile not in shapes:
+        raise SystemExit(f"--profile takes one of the {'quick' if args.quick else 'full'} plan's step shapes "
+                         f"{shapes}, not {args.profile!r}")
     ctx = Context(device, args.bf16, plan.repeats)
     monitor = CpuMonitor()
-    sections = args.only or SECTIONS
+    # --profile alone runs only the profile; with --only, those sections as well.
+    sections = args.only or (() if args.profile else SECTIONS)
 
     malloc_tuned = device.type == "cpu" and not args.no_malloc_tuning and tune_cpu_allocator()
     results = {"meta": _machine(device) | {
@@ -903,6 +966,8 @@ def main(argv: list[str] | None = None) -> dict:
         run_section("step", lambda: bench_steps(ctx, plan, peak))
     if args.compile:
         run_section("compile", lambda: bench_compile(ctx, plan))
+    if args.profile:
+        run_section("profile", lambda: profile_steps(ctx, plan, args.profile))
 
     # Load that /proc/stat cannot see (other VMs on the same host sharing its caches, memory
     # bandwidth and clock) still shows as a matmul peak that moved during the run.

@@ -117,3 +117,19 @@ def test_cpu_monitor_and_peak_memory_measure_something():
     peak = memory.peak()
     del block
     assert peak is None or peak >= 60 * 2**20
+
+
+def test_profile_splits_a_step_into_phases_and_operators():
+    results = main(["--quick", "--device", "cpu", "--no-malloc-tuning", "--profile", "smoke"])
+    assert set(results) >= {"matmul_peak", "profile"} and "rnn" not in results  # --profile runs alone
+    assert [r["model"] for r in results["profile"]] == ["shaq", "sharnn"]
+    for r in results["profile"]:
+        assert set(r["phases_s"]) == {"forward", "backward", "clip", "optimizer"}
+        assert r["step_s"] == pytest.approx(sum(r["phases_s"].values())) and r["step_s"] > 0
+        shares = [op["share"] for op in r["top_ops"]]
+        assert shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 1.0 + 1e-6
+
+
+def test_profile_of_an_unknown_shape_fails_before_any_work():
+    with pytest.raises(SystemExit, match="smoke"):
+        main(["--quick", "--device", "cpu", "--profile", "paper"])
