@@ -1,6 +1,6 @@
 """Speed benchmarks: QRNN against LSTM, the forget-mult, attention memory, training steps.
 
-    python -m shaq.bench                       # full run: about 15 minutes on 2 CPU cores
+    python -m shaq.bench                       # full run: about 13 minutes on 2 CPU cores
     python -m shaq.bench --quick               # small shapes, few repeats: well under a minute
     python -m shaq.bench --json out.json       # also write every number as JSON
     python -m shaq.bench --bf16 --device cuda  # bfloat16 autocast, on a GPU
