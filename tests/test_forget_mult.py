@@ -10,9 +10,10 @@ import torch
 fm = importlib.import_module("shaq.nn.forget_mult")
 
 
-@pytest.fixture(params=["ext", "torch"])
+@pytest.fixture(params=["ext", "steps", "chunked"])
 def impl(request, monkeypatch) -> str:
-    """Run the test once through the C++ extension and once through the pure-torch loops."""
+    """Run the test through the C++ extension and through both pure-torch paths: one op per
+    time step (the CPU's) and the chunked scan (what CUDA and MPS use)."""
     probe = torch.zeros(1)
     if request.param == "ext":
         if not fm.use_extension:
@@ -23,7 +24,8 @@ def impl(request, monkeypatch) -> str:
         assert fm._extension_for(probe) is not None
     else:
         monkeypatch.setattr(fm, "use_extension", False)
-        assert fm._extension_for(probe) is None
+        monkeypatch.setattr(fm, "scan_mode", request.param)
+        assert fm._extension_for(probe) is None and fm._chunked(probe) == (request.param == "chunked")
     return request.param
 
 
@@ -71,6 +73,25 @@ def test_forget_mult_matches_reference(impl, shape, noncontiguous, with_c0):
     torch.testing.assert_close(c, c_ref)
     for g, g_ref in zip(grads, grads_ref):
         torch.testing.assert_close(g, g_ref)
+
+
+@pytest.mark.parametrize("T", [0, 1, 2, 3, 4, 5, 8, 9, 10, 16, 17, 50])
+def test_linear_scan_matches_a_loop(T):
+    """The chunked scan of the torch path, across chunk boundaries and with padding; a
+    includes exact 0s and 1s (a state wiped out or kept, where a division would fail)."""
+    torch.manual_seed(T)
+    a = torch.rand(2, T, 3, dtype=torch.float64)
+    a[0, ::3] = 0.0
+    a[1, ::4] = 1.0
+    b, h0 = torch.randn(2, T, 3, dtype=torch.float64), torch.randn(2, 3, dtype=torch.float64)
+    h, want = h0, []
+    for t in range(T):
+        h = a[:, t] * h + b[:, t]
+        want.append(h)
+    got = fm.linear_scan(a, b, h0)
+    assert got.shape == (2, T, 3)
+    if T:
+        torch.testing.assert_close(got, torch.stack(want, dim=1))
 
 
 def test_forget_mult_c0_without_grad(impl):
