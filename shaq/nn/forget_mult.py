@@ -26,7 +26,10 @@ backward walks them all; the fast paths instead run the forward as one tight loo
 preallocated output and the backward as one reverse loop over r. On CPU the default is a
 small C++ extension (shaq/nn/csrc/forget_mult.cpp) that runs both loops over all (batch,
 hidden) chains in parallel, vectorised over hidden units. It is compiled on first use (about
-30 s on 2 cores, then cached by torch in ~/.cache/torch_extensions). Without a compiler, if
+30 s on 2 cores, then cached by torch in ~/.cache/torch_extensions), not at `pip install`:
+building there needs torch inside pip's isolated build environment, where a plain `torch`
+build requirement downloads a multi-GB CUDA wheel and may not match the torch that imports
+the extension, and Colab's `pip install git+URL` would pay that too. Without a compiler, if
 the build fails, with SHAQ_NO_EXT=1, with `use_extension = False`, or for tensors not on the
 CPU, the same Function runs on torch ops: on the CPU one op per time step, elsewhere (CUDA,
 MPS) `linear_scan`, a chunked scan that needs about 2 sqrt(T) steps instead of T, since there
