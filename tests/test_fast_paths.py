@@ -137,3 +137,21 @@ def test_attention_trains_under_bf16_autocast():
         y, _ = attn(query, kv, frozen=4)
     y.float().sum().backward()
     assert torch.isfinite(query.grad).all() and torch.equal(kv.grad[:, :4], torch.zeros(2, 4, 16))
+
+
+def test_lstm_stays_float32_under_cpu_bf16_autocast():
+    """SHA-RNN's LSTMs keep oneDNN's fused float32 path under CPU autocast (see run_rnn),
+    computing exactly what they compute without autocast, state included."""
+    from shaq.models import run_rnn
+
+    torch.manual_seed(0)
+    lstm = torch.nn.LSTM(8, 8, batch_first=True)
+    x = torch.randn(2, 5, 8)
+    state = (torch.randn(2, 8), torch.randn(2, 8))
+    want, want_state = run_rnn(lstm, x, state)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, got_state = run_rnn(lstm, x.bfloat16(), tuple(s.bfloat16() for s in state))
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, run_rnn(lstm, x.bfloat16().float(), tuple(s.bfloat16().float() for s in state))[0])
+    assert torch.allclose(got, want, atol=2e-2) and all(s.dtype == torch.float32 for s in got_state)
+    assert torch.allclose(got_state[1], want_state[1], atol=2e-2)
