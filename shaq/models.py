@@ -232,15 +232,19 @@ class SHABlock(nn.Module):
         return h, rnn_state, memory, weights
 
 
+# nn.LSTM under CPU bf16 autocast against float32 (oneDNN, forward+backward, B=16, T=256, 2
+# cores of this project's CPU, side by side): bf16 is 1.3-1.45x faster up to H=512, then falls
+# off: at H=768 and 1024 float32 is 1.75x faster. Wider LSTMs therefore stay in float32 there
+# (the matmuls around them still run in bf16). The cliff depends on the CPU's caches.
+CPU_BF16_LSTM_MAX_HIDDEN = 512
+
+
 def run_rnn(rnn: nn.Module, x: torch.Tensor, state: tuple | None) -> tuple[torch.Tensor, tuple]:
     """Run an LSTM or QRNN layer over x [B, T, I] with the batch-first state convention of `State`."""
     if isinstance(rnn, nn.LSTM):
         hc = None if state is None else (state[0].unsqueeze(0).contiguous(), state[1].unsqueeze(0).contiguous())
-        if x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
-            # Under CPU bf16 autocast nn.LSTM leaves oneDNN's fused float32 LSTM for a slower
-            # path: measured side by side on this project's 2-core CPU (H=1024, T=256, B=16,
-            # forward+backward) 3,400-4,400 bytes/s against 6,600-7,500 in float32. So the
-            # LSTM stays in float32 there; the matmuls around it still run in bf16.
+        if x.device.type == "cpu" and torch.is_autocast_enabled("cpu") and rnn.hidden_size > CPU_BF16_LSTM_MAX_HIDDEN:
+            # Under CPU bf16 autocast, wide LSTMs run faster in float32: see the constant.
             with torch.autocast("cpu", enabled=False):
                 hc = None if hc is None else (hc[0].float(), hc[1].float())
                 out, (h, c) = rnn(x.float(), hc)

@@ -139,12 +139,18 @@ def test_attention_trains_under_bf16_autocast():
     assert torch.isfinite(query.grad).all() and torch.equal(kv.grad[:, :4], torch.zeros(2, 4, 16))
 
 
-def test_lstm_stays_float32_under_cpu_bf16_autocast():
-    """SHA-RNN's LSTMs keep oneDNN's fused float32 path under CPU autocast (see run_rnn),
-    computing exactly what they compute without autocast, state included."""
+def test_wide_lstm_stays_float32_under_cpu_bf16_autocast(monkeypatch):
+    """LSTMs wider than CPU_BF16_LSTM_MAX_HIDDEN run in float32 under CPU autocast, computing
+    what they compute without autocast (from the bf16-rounded inputs), state included;
+    narrower ones are left to autocast."""
+    import shaq.models
     from shaq.models import run_rnn
 
     torch.manual_seed(0)
+    narrow = torch.nn.LSTM(8, 8, batch_first=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert run_rnn(narrow, torch.randn(2, 5, 8), None)[0].dtype == torch.bfloat16
+    monkeypatch.setattr(shaq.models, "CPU_BF16_LSTM_MAX_HIDDEN", 4)
     lstm = torch.nn.LSTM(8, 8, batch_first=True)
     x = torch.randn(2, 5, 8)
     state = (torch.randn(2, 8), torch.randn(2, 8))
