@@ -4,7 +4,7 @@
     python -m shaq.bench --quick               # small shapes, few repeats: well under a minute
     python -m shaq.bench --json out.json       # also write every number as JSON
     python -m shaq.bench --bf16 --device cuda  # bfloat16 autocast, on a GPU
-    python -m shaq.bench --only step --compile # one section, plus a torch.compile'd SHAQ step
+    python -m shaq.bench --compile             # a torch.compile'd SHAQ step against eager
     python -m shaq.bench --profile paper       # where a paper-shape training step's time goes
 
 Everything runs side by side in one process on one device, each measurement after warm-up
@@ -22,7 +22,7 @@ B * T. The sections:
 - step: whole training steps (forward, backward, clip, LAMB) of SHAQ, shaq's SHARNN and
   `ReferenceStyleSHARNN`, a re-creation of how the original sha-rnn code computes, with
   bytes/s, peak memory and model FLOP utilisation (MFU, see `model_flops_per_byte`).
-- compile (only with --compile): torch.compile of the SHAQ step at the cpu preset.
+- compile (only with --compile): a torch.compile'd SHAQ step at the cpu preset against eager.
 - profile (only with --profile SHAPE): one SHAQ and one SHARNN step at that shape under
   torch.profiler: time by phase and the operators that take it.
 
@@ -887,7 +887,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
     parser.add_argument("--only", nargs="+", choices=SECTIONS, help="run only these sections")
     parser.add_argument("--compile", action="store_true",
-                        help="also time a torch.compile'd SHAQ step (costs minutes of compilation on a CPU)")
+                        help="time a torch.compile'd SHAQ step against eager (costs minutes of compilation on "
+                             "a CPU); runs alone unless --only names sections too")
     parser.add_argument("--profile", metavar="SHAPE",
                         help="profile one SHAQ and one SHARNN step at this step shape (cpu, small, paper; with "
                              "--quick: smoke, tiny-paper): time by phase and by operator; runs alone unless "
@@ -926,8 +927,8 @@ def main(argv: list[str] | None = None) -> dict:
                          f"{shapes}, not {args.profile!r}")
     ctx = Context(device, args.bf16, plan.repeats)
     monitor = CpuMonitor()
-    # --profile alone runs only the profile; with --only, those sections as well.
-    sections = args.only or (() if args.profile else SECTIONS)
+    # --compile or --profile alone runs only that; with --only, those sections as well.
+    sections = args.only or (() if args.profile or args.compile else SECTIONS)
 
     malloc_tuned = device.type == "cpu" and not args.no_malloc_tuning and tune_cpu_allocator()
     results = {"meta": _machine(device) | {
