@@ -97,7 +97,8 @@ def _extension_for(x: Tensor) -> Optional[ModuleType]:
 # How the torch path (no C++ extension) runs the recurrence: "steps" is one op per time step,
 # "chunked" is linear_scan's ~2 sqrt(T) steps of bulk ops, "auto" picks chunked off the CPU,
 # where every op is a kernel launch, and steps on it, where the chunked scan's extra memory
-# traffic made it 1.4-2.5x slower at training shapes (B=16, T=256-1024, H=256-1024, 2 cores).
+# traffic made it 1.04-2.5x slower at training shapes (forward+backward, B=16, T=256-1024,
+# H=256-1024, 2 cores; it was 1.4x faster only at a toy shape, B=4, T=64, H=64).
 # Tests set it to exercise both.
 scan_mode: str = "auto"
 
