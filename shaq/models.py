@@ -235,7 +235,7 @@ class SHABlock(nn.Module):
 # nn.LSTM under CPU bf16 autocast against float32 (oneDNN, forward+backward, B=16, T=256, 2
 # cores of this project's CPU, side by side): bf16 is 1.3-1.45x faster up to H=512, then falls
 # off: at H=768 and 1024 float32 is 1.75x faster. Wider LSTMs therefore stay in float32 there
-# (the matmuls around them still run in bf16). The cliff depends on the CPU's caches.
+# (the matmuls around them still run in bf16). Other CPUs may put the cliff elsewhere.
 CPU_BF16_LSTM_MAX_HIDDEN = 512
 
 

@@ -94,6 +94,13 @@ def test_linear_scan_matches_a_loop(T):
         torch.testing.assert_close(got, torch.stack(want, dim=1))
 
 
+def test_unknown_scan_mode_is_an_error(monkeypatch):
+    monkeypatch.setattr(fm, "use_extension", False)
+    monkeypatch.setattr(fm, "scan_mode", "fast")
+    with pytest.raises(ValueError, match="scan_mode"):
+        fm.forget_mult(torch.rand(1, 3, 2), torch.randn(1, 3, 2))
+
+
 def test_forget_mult_c0_without_grad(impl):
     torch.manual_seed(2)
     f, z, c0 = _inputs(2, 5, 3)

@@ -104,6 +104,8 @@ scan_mode: str = "auto"
 
 
 def _chunked(x: Tensor) -> bool:
+    if scan_mode not in ("auto", "steps", "chunked"):
+        raise ValueError(f"shaq.nn.forget_mult.scan_mode must be 'auto', 'steps' or 'chunked', not {scan_mode!r}")
     return scan_mode == "chunked" or (scan_mode == "auto" and x.device.type != "cpu")
 
 
