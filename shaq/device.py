@@ -7,6 +7,7 @@ GPUs, gloo on CPUs) and gives each process its own GPU.
 
 import os
 from dataclasses import dataclass
+from functools import cache
 
 import torch
 import torch.distributed as dist
@@ -47,6 +48,16 @@ def autocast_dtype(device: torch.device, amp: bool) -> torch.dtype | None:
     if not amp or device.type != "cuda":
         return None
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+@cache
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX), as oneDNN sees it.
+
+    Without it oneDNN emulates bf16 matmuls slowly and has no bf16 LSTM at all.
+    """
+    probe = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return bool(probe is not None and torch.backends.mkldnn.is_available() and probe())
 
 
 @dataclass(frozen=True)

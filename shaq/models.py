@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from shaq.device import cpu_has_bf16
 from shaq.nn import QRNN, Boom, SingleHeadAttention
 from shaq.nn.dropout import Dropout
 from shaq.nn.onednn import linear
@@ -233,27 +234,43 @@ class SHABlock(nn.Module):
 
 
 # nn.LSTM under CPU bf16 autocast against float32 (oneDNN, forward+backward, B=16, T=256, 2
-# cores of this project's CPU, side by side): bf16 is 1.3-1.45x faster up to H=512, then falls
-# off: at H=768 and 1024 float32 is 1.75x faster. Wider LSTMs therefore stay in float32 there
-# (the matmuls around them still run in bf16). Other CPUs may put the cliff elsewhere.
+# cores of an AMD CPU with AVX512-BF16, side by side): bf16 is faster up to H=512 and falls off
+# beyond it, where float32 wins. Wider LSTMs therefore stay in float32 there (the matmuls
+# around them still run in bf16). Other CPUs may put the cliff elsewhere.
 CPU_BF16_LSTM_MAX_HIDDEN = 512
 
 
+def _widen(t: torch.Tensor) -> torch.Tensor:
+    """Half-precision tensors as float32; float32 and float64 unchanged."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+def _lstm_in_float32(rnn: nn.LSTM, x: torch.Tensor) -> bool:
+    """Whether this LSTM leaves CPU bf16 autocast: when it is wide (see the constant) or when the
+    CPU has no bf16 instructions, where oneDNN has no bf16 LSTM at all."""
+    return (x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+            and (rnn.hidden_size > CPU_BF16_LSTM_MAX_HIDDEN or not cpu_has_bf16()))
+
+
 def run_rnn(rnn: nn.Module, x: torch.Tensor, state: tuple | None) -> tuple[torch.Tensor, tuple]:
-    """Run an LSTM or QRNN layer over x [B, T, I] with the batch-first state convention of `State`."""
+    """Run an LSTM or QRNN layer over x [B, T, I] with the batch-first state convention of `State`.
+
+    Carried states come back in float32 under autocast (float64 stays float64), so that a state
+    carried over many segments is not rounded to 8 bits at every boundary.
+    """
     if isinstance(rnn, nn.LSTM):
-        hc = None if state is None else (state[0].unsqueeze(0).contiguous(), state[1].unsqueeze(0).contiguous())
-        if x.device.type == "cpu" and torch.is_autocast_enabled("cpu") and rnn.hidden_size > CPU_BF16_LSTM_MAX_HIDDEN:
-            # Under CPU bf16 autocast, wide LSTMs run faster in float32: see the constant.
+        # The state in x's dtype: autocast then casts x, state and weights alike.
+        hc = None if state is None else tuple(t.unsqueeze(0).to(x.dtype).contiguous() for t in state)
+        if _lstm_in_float32(rnn, x):
             with torch.autocast("cpu", enabled=False):
-                hc = None if hc is None else (hc[0].float(), hc[1].float())
+                hc = None if hc is None else tuple(t.float() for t in hc)
                 out, (h, c) = rnn(x.float(), hc)
         else:
             out, (h, c) = rnn(x, hc)
-        return out, LSTMState(h[0], c[0])
+        return out, LSTMState(_widen(h[0]), _widen(c[0]))
     c0, x_prev = (None, None) if state is None else state
     out, c_last = rnn(x, c0, x_prev)
-    return out, QRNNState(c_last, x[:, -1])
+    return out, QRNNState(c_last, _widen(x[:, -1]))
 
 
 # ----------------------------------------------------------------------------- models

@@ -37,8 +37,9 @@ every op is a kernel launch (see `scan_mode`). The chunked scan is tested on the
 the loop; its speed on a GPU has not been measured yet.
 
 Dtypes: float32 and float64 are computed as given. bf16/fp16 inputs are computed in float32
-(a long product of f's in half precision loses the state quickly) and the result is cast
-back to the input dtype.
+on every path (a long product of f's in half precision loses the state quickly, and a bf16
+sigmoid saturates to exactly 1 from 6.5 on); outputs are cast back to the input dtype,
+except qrnn_pool's carried cell, which stays float32.
 """
 
 import math
@@ -324,7 +325,9 @@ def qrnn_pool(gates: Tensor, c0: Optional[Tensor] = None, output_gate: bool = Tr
         output_gate: whether gates holds o (fo-pooling) or not (f-pooling).
 
     Returns:
-        h: [B, T, H] and the final cell c_last: [B, H] (the state to carry), in gates' dtype.
+        h: [B, T, H] in gates' dtype, and the final cell c_last: [B, H] (the state to carry) in
+        float32 for half-precision gates (float64 stays float64), so that a state carried over
+        many segments is not rounded to 8 bits at every segment boundary.
     """
     n_gates = 3 if output_gate else 2
     if gates.dim() != 3 or gates.shape[-1] % n_gates:
@@ -332,14 +335,20 @@ def qrnn_pool(gates: Tensor, c0: Optional[Tensor] = None, output_gate: bool = Tr
     B, H = gates.shape[0], gates.shape[-1] // n_gates
     if c0 is not None and c0.shape != (B, H):
         raise ValueError(f"c0 must be [B, H] = {(B, H)}, got {tuple(c0.shape)}")
+    # Half-precision gates are widened first: bf16 has 8 significant bits, so sigmoid(f) rounds
+    # to exactly 1.0 for f >= 6.5, freezing a long-memory cell and zeroing its gradient, which
+    # is where the paper's convention (f near 1 keeps the cell) puts long memory.
+    out_dtype, dtype = gates.dtype, _compute_dtype(gates.dtype)
+    gates = gates.to(dtype)
+    c0 = None if c0 is None else c0.to(dtype)
     ext = _extension_for(gates)
     if ext is None:
         z, f, o = _split_gates(gates, output_gate)
         c = forget_mult(torch.sigmoid(f), torch.tanh(z), c0)
         h = torch.sigmoid(o) * c if o is not None else c
-        return h, c[:, -1]
-    out_dtype, dtype = gates.dtype, _compute_dtype(gates.dtype)
-    gates = gates.to(dtype).contiguous()
-    c0 = gates.new_zeros(B, H) if c0 is None else c0.to(dtype).contiguous()
-    h, c_last = _QRNNPool.apply(gates, c0, output_gate, ext)
-    return h.to(out_dtype), c_last.to(out_dtype)
+        c_last = c[:, -1]
+    else:
+        gates = gates.contiguous()
+        c0 = gates.new_zeros(B, H) if c0 is None else c0.contiguous()
+        h, c_last = _QRNNPool.apply(gates, c0, output_gate, ext)
+    return h.to(out_dtype), c_last
