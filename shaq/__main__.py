@@ -3,13 +3,17 @@
     python -m shaq train --model shaq --preset cpu              # ten minutes on a CPU
     python -m shaq train --preset smoke --data standin --steps 50 --out runs/try
     python -m shaq train --resume runs/try --steps 100          # continue a run exactly
+    python -m shaq train --init-from runs/try/best.pt --lr 1e-3 --epochs 5 --seed 125   # a second pass
     python -m shaq eval runs/try --split test
     python -m shaq generate runs/try --prompt "The " -n 200
 
 `train` takes every field of SHARNNConfig (model shape) and TrainConfig (training) as an option,
 e.g. `--d-model 512 --attention-layers 0,2 --lr 1e-3 --no-variable-seq-len`; a field left out
 keeps the preset's value. Mistakes (an unknown option, an impossible value, data that cannot be
-had) stop before any work with a one-line message and exit status 2.
+had, a run folder that another process is writing, a damaged checkpoint) stop before any work
+with a one-line message and exit status 2. A run that fails (a non-finite loss, a checkpoint
+that cannot be written) exits with 1; Ctrl-C or SIGTERM stops it after the step in progress
+with last.pt saved and exits with 130 or 143 (128 + the signal).
 """
 
 import argparse
@@ -25,7 +29,10 @@ from shaq.data import DataError
 from shaq.device import autocast_dtype, pick_device
 from shaq.generate import generate
 from shaq.models import SHARNNConfig
-from shaq.train import TrainConfig, Trainer, TrainingError, evaluate, load_corpus
+from shaq.runlock import RunLockError
+from shaq.train import (
+    NonFiniteError, TrainConfig, Trainer, TrainingError, TrainingInterrupted, evaluate, load_corpus,
+)
 
 PRESETS = ("smoke", "cpu", "paper")
 
@@ -109,10 +116,13 @@ def build_parser() -> argparse.ArgumentParser:
         "train", allow_abbrev=False, help="train a model (writes a run folder)",
         description=(
             "Train SHA-RNN ('sharnn'), SHAQ ('shaq') or an LSTM baseline ('lstm'). The preset sets both "
-            "the model shape and the training settings; every field below overrides one. Data: 'auto' "
-            "(the cpu and paper presets) uses enwik8 from --data-root, downloading it if needed, and "
-            "falls back to the offline stand-in with a notice; 'enwik8' insists on it; 'standin' (the "
-            "smoke preset) is the offline corpus built from Python's own docs and sources."))
+            "the model shape and the training settings; every field below overrides one. Data: 'enwik8' "
+            "(the paper preset) insists on enwik8 from --data-root, downloading it if needed, and stops "
+            "before any work without it; 'auto' (the cpu preset) falls back to the offline stand-in with "
+            "a notice; 'standin' (the smoke preset) is the offline corpus built from Python's own docs "
+            "and sources. --init-from starts a new run from another run's weights (fresh optimizer and "
+            "schedule; the model and settings of that run, with any option overriding): the "
+            "reference's second pass is --init-from RUN/best.pt --lr 1e-3 --epochs 5 --seed 125."))
     train.add_argument("--preset", choices=PRESETS, default=None,
                        help="smoke (seconds), cpu (10 minutes on a CPU, the default) or paper (the reference)")
     train.add_argument("--resume", metavar="DIR", default=None,
@@ -155,20 +165,30 @@ def _train(args: argparse.Namespace) -> int:
         if args.resume is not None:
             if args.preset is not None:
                 _fail("--resume continues a run with its saved settings; drop --preset")
+            if "init_from" in train_overrides:
+                _fail("--resume continues a run, --init-from starts a new one from a run's weights: choose one")
             trainer = Trainer.resume(args.resume, model_overrides=model_overrides, verbose=not args.quiet,
                                      **train_overrides)
+        elif train_overrides.get("init_from") is not None:
+            if args.preset is not None or model_overrides:
+                _fail("--init-from takes the model and the training settings of the run it starts from; drop "
+                      "--preset and the model options (training options such as --lr or --epochs override)")
+            trainer = Trainer.start_from(train_overrides.pop("init_from"), verbose=not args.quiet, **train_overrides)
         else:
             preset = args.preset or "cpu"
             model_config = SHARNNConfig.preset(preset, **model_overrides)
             trainer = Trainer(TrainConfig.preset(preset, **train_overrides), model_config, verbose=not args.quiet)
-    except (ValueError, DataError, CheckpointError) as err:
+    except (ValueError, DataError, CheckpointError, RunLockError) as err:
         _fail(str(err))
     try:
         trainer.fit()
-    except TrainingError as err:
+    except TrainingInterrupted as err:
+        print(f"shaq: {err}", file=sys.stderr)
+        return 128 + err.signum  # the shell's convention for a process ended by a signal
+    except (TrainingError, CheckpointError) as err:  # CheckpointError: a best.pt damaged since it was saved
         print(f"shaq: {err}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # outside the training loop: during the final test, after last.pt was saved
         print(f"\ninterrupted at step {trainer.step}; continue with: python -m shaq train --resume {trainer.run_dir}",
               file=sys.stderr)
         return 130
@@ -186,6 +206,8 @@ def _eval(args: argparse.Namespace) -> int:
             _fail("--batch-size must be >= 1 and --bytes >= 2")
         split = getattr(corpus, args.split)
         bpb = evaluate(model, split, batch_size, config.seq_len, args.bytes, autocast_dtype(device, config.amp))
+    except NonFiniteError as err:
+        _fail(f"{args.checkpoint}: {err}")
     except (ValueError, DataError, CheckpointError) as err:
         _fail(str(err))
     n = split[: args.bytes].numel()

@@ -12,8 +12,8 @@ that the chapter's last cell completes with ``level.finish()``. Three run levels
     demo   minutes on a CPU or a Colab GPU; produced the outputs committed in the book; the stand-in
     full   hours on a GPU; enwik8
 
-``SHAQ_RUN=smoke|demo|full`` picks one; without it a CUDA GPU means ``full`` and anything else
-``demo``. ``SHAQ_DEVICE`` (``cpu``, ``cuda``, ``cuda:1``, ``mps``) overrides the device,
+``SHAQ_RUN=smoke|demo|full`` picks one; without it the level is ``demo`` on any machine (``full``
+means hours of GPU time, so it is only ever asked for, never chosen by the hardware). ``SHAQ_DEVICE`` (``cpu``, ``cuda``, ``cuda:1``, ``mps``) overrides the device,
 ``SHAQ_THREADS`` the number of CPU threads and ``SHAQ_DATA`` the folder that holds enwik8.
 Chapters choose their sizes with ``level.pick(smoke=..., demo=..., full=...)`` and their data
 with ``level.load_corpus()``.
@@ -27,7 +27,7 @@ import random
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -35,6 +35,7 @@ import torch
 
 import shaq
 from shaq.device import pick_device
+from shaq.train import TrainConfig, format_duration
 
 LEVELS = ("smoke", "demo", "full")
 LEVEL_ENV = "SHAQ_RUN"
@@ -51,11 +52,6 @@ T = TypeVar("T")
 
 
 # ----------------------------------------------------------------------------- small facts
-
-
-def in_colab() -> bool:
-    """True inside Google Colab (its runtime has imported ``google.colab``)."""
-    return "google.colab" in sys.modules
 
 
 def _ipython() -> Any:
@@ -77,21 +73,21 @@ def in_live_kernel() -> bool:
     return shell is not None and hasattr(shell, "kernel") and "PYTEST_CURRENT_TEST" not in os.environ
 
 
-def parse_level(value: str | None, cuda_available: bool) -> str:
+def parse_level(value: str | None) -> str:
     """The run level named by `value` (the ``SHAQ_RUN`` variable), case and spaces ignored.
 
-    Unset or empty means ``full`` with a CUDA GPU and ``demo`` without one.
+    Unset or empty means ``demo``, whatever the hardware.
 
     Raises:
         ValueError: `value` names no run level.
     """
     if value is None or not value.strip():
-        return "full" if cuda_available else "demo"
+        return "demo"
     name = value.strip().lower()
     if name not in LEVELS:
         raise ValueError(
             f"{LEVEL_ENV}={value!r} is not a run level: use one of {', '.join(LEVELS)} "
-            "(or leave it unset: full on a CUDA GPU, demo otherwise)"
+            "(or leave it unset for demo)"
         )
     return name
 
@@ -161,20 +157,6 @@ def shaq_version() -> str:
     """``shaq 0.1.0 (317c875)``: the package version and, in a git checkout, its commit."""
     revision = git_revision()
     return f"shaq {shaq.__version__}" + (f" ({revision})" if revision else "")
-
-
-def format_duration(seconds: float) -> str:
-    """A duration for people: ``0.4 s``, ``42 s``, ``2 min 13 s``, ``1 h 05 min``."""
-    if seconds < 0:
-        raise ValueError(f"a duration cannot be negative, got {seconds}")
-    if seconds < 10:
-        return f"{seconds:.1f} s"
-    whole = int(round(seconds))
-    if whole < 60:
-        return f"{whole} s"
-    if whole < 3600:
-        return f"{whole // 60} min {whole % 60} s"
-    return f"{whole // 3600} h {whole % 3600 // 60:02d} min"
 
 
 def describe_device(device: torch.device) -> str:
@@ -272,6 +254,18 @@ class RunLevel:
         """The value for this run level, e.g. ``steps = level.pick(smoke=20, demo=600, full=20_000)``."""
         return {"smoke": smoke, "demo": demo, "full": full}[self.name]
 
+    def at(self, name: str) -> RunLevel:
+        """This run level under another name, e.g. ``level.at("full").pick(...)`` for the value a
+        cell would use at the full level."""
+        return replace(self, name=name, data_name="", data_description="")
+
+    def show_full_cost(self, config: TrainConfig | None = None, *, train_bytes: int | None = None,
+                       runs: int = 1) -> None:
+        """Say, before a chapter trains, what its training costs at the full level, whatever level
+        this is: `config` is one run's full-level TrainConfig (or give the bytes it trains), and
+        the chapter trains `runs` such runs."""
+        print(full_cost(config, train_bytes=train_bytes, runs=runs))
+
     def load_corpus(self):
         """The corpus of this level: the stand-in (its first 1 MB at smoke) or enwik8 at full.
 
@@ -319,6 +313,49 @@ class RunLevel:
         print(text)
 
 
+# The yardstick for what the full level costs until a GPU of this project has been measured: the
+# SHA-RNN paper's one epoch of enwik8 (90,000,000 training bytes) in 1,800 s on one Titan V
+# (Merity 2019, quoted by its author in sha-rnn issue #3), for its 54M-parameter model.
+PAPER_GPU = "one Titan V"
+PAPER_BYTES_PER_SECOND = 90_000_000 / 1800
+ENWIK8_TRAIN_BYTES = 90_000_000
+
+
+def full_cost(config: TrainConfig | None = None, *, train_bytes: int | None = None, runs: int = 1) -> str:
+    """One line on what training `config` (or `train_bytes` bytes) costs on a GPU at the speed of
+    the paper's SHA-RNN: an upper bound for the smaller models of the chapters.
+
+    A run bounded by minutes costs at most those minutes; one bounded by steps or epochs costs
+    its bytes at that speed; the first bound to come counts. `runs` such runs cost `runs` times it.
+    """
+    if (config is None) == (train_bytes is None):
+        raise ValueError("give the full level's TrainConfig or the bytes it trains, not both")
+    hours, how = [], []
+    if config is not None:
+        by_bytes = []
+        if config.steps is not None:
+            by_bytes.append(config.steps * config.batch_size * config.seq_len)
+        if config.epochs is not None:
+            by_bytes.append(config.epochs * (config.max_bytes or ENWIK8_TRAIN_BYTES))
+        if by_bytes:
+            train_bytes = min(by_bytes)
+        if config.minutes is not None:
+            hours.append(config.minutes / 60)
+            how.append(f"its {config.minutes:g}-minute budget")
+    if train_bytes is not None:
+        hours.append(train_bytes / PAPER_BYTES_PER_SECOND / 3600)
+        how.append(f"{train_bytes:,.0f} bytes at the paper's {PAPER_BYTES_PER_SECOND:,.0f} bytes/s on {PAPER_GPU}")
+    cost = runs * min(hours)
+    if cost < 1 / 60:
+        amount = "less than a GPU-minute"
+    else:
+        minutes = round(cost * 60)
+        amount = f"about {minutes} GPU-minute{'s' if minutes != 1 else ''}" if cost < 1 else f"about {cost:,.1f} GPU-hours"
+    each = f"{runs} runs, each " if runs > 1 else ""
+    ends = ", whichever ends first" if len(how) > 1 else ""
+    return f"At the full level this training costs {amount} ({each}{' or '.join(how)}{ends})."
+
+
 def _data_name(level: str) -> str:
     if level == "full":
         return "enwik8"
@@ -357,8 +394,7 @@ def setup(
 
     Args:
         seed: seeds Python's, NumPy's and torch's generators.
-        level: ``smoke``, ``demo`` or ``full``; default ``SHAQ_RUN``, else full on a CUDA GPU and
-            demo otherwise.
+        level: ``smoke``, ``demo`` or ``full``; default ``SHAQ_RUN``, else demo.
         device: ``auto``, ``cpu``, ``cuda``, ``cuda:1`` or ``mps``; default ``SHAQ_DEVICE``,
             else auto (CUDA, then MPS, then the CPU).
         quiet: print nothing and show no provenance line (for tests and scripts).
@@ -372,7 +408,7 @@ def setup(
     """
     device_name = device or os.environ.get(DEVICE_ENV, "").strip() or "auto"
     chosen = pick_device(device_name)
-    name = parse_level(level if level is not None else os.environ.get(LEVEL_ENV), chosen.type == "cuda")
+    name = parse_level(level if level is not None else os.environ.get(LEVEL_ENV))
     threads = _limit_threads(chosen)
     seed_everything(seed)
     run = RunLevel(name=name, device=chosen, seed=seed, data_root=default_data_root())
@@ -383,8 +419,7 @@ def setup(
     elif os.environ.get(LEVEL_ENV, "").strip():
         why = f"{LEVEL_ENV}={os.environ[LEVEL_ENV].strip()}"
     else:
-        gpu = "with" if chosen.type == "cuda" else "without"
-        why = f"the default {gpu} a CUDA GPU; set {LEVEL_ENV}=smoke|demo|full to change it"
+        why = f"the default; set {LEVEL_ENV}=smoke|demo|full to change it"
     print(shaq_version())
     print(f"torch {torch.__version__}, python {sys.version.split()[0]}")
     print(f"device: {describe_device(chosen)}, {threads} CPU thread{'s' if threads != 1 else ''}")

@@ -13,6 +13,10 @@ The procedure is the reference's (Merity 2019, main.py):
 
 A run lives in a folder holding config.json, metrics.jsonl (one line per step), last.pt,
 best.pt and summary.json; `Trainer.resume` continues it exactly where last.pt left off.
+One process at a time writes a run folder (`shaq.runlock`): another one that wants to is
+refused before it loads anything. SIGINT (Ctrl-C, Jupyter's stop button) and SIGTERM (`kill`,
+a job scheduler) stop `fit()` after the step in progress with last.pt saved, so a stop costs
+no step: fit raises TrainingInterrupted, and `python -m shaq train` exits with 130 or 143.
 
     trainer = Trainer(TrainConfig.cpu(minutes=3), SHARNNConfig.cpu())
     summary = trainer.fit()
@@ -25,7 +29,10 @@ processes, and only rank 0 writes files and shows progress.
 import contextlib
 import json
 import math
+import os
 import random
+import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
@@ -39,19 +46,40 @@ from tqdm.auto import tqdm
 
 import shaq
 from shaq.checkpoint import (
-    CheckpointError, check_model, load_checkpoint, load_weights, remove_temp_files, rng_state,
+    CheckpointError, check_model, find_checkpoint, load_checkpoint, load_weights, remove_temp_files, rng_state,
     save_checkpoint, set_rng_state, state_from_dict, state_to_dict,
 )
 from shaq.data import Corpus, DataError, batchify, get_segment, load_enwik8, load_standin, segment_length
 from shaq.device import DEVICES, Distributed, all_reduce_sum, autocast_dtype, init_distributed
 from shaq.models import MODELS, SHARNNConfig, State, build_model, detach
 from shaq.optim import LAMB
+from shaq.runlock import RunLock, check_not_locked
 
 LN2 = math.log(2)
 
 
 class TrainingError(RuntimeError):
-    """Training cannot go on (a non-finite loss); the message names the step and the checkpoint to use."""
+    """Training cannot go on (a non-finite loss, a checkpoint that cannot be written, weights that test
+    non-finite); the message names the step and what to do."""
+
+
+class NonFiniteError(ValueError):
+    """`evaluate` got a NaN or infinite loss: the weights are damaged or diverged, so there is no result."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """`fit()` stopped on SIGINT or SIGTERM after finishing its step and saving last.pt.
+
+    A KeyboardInterrupt, so that a notebook cell (or a script that does not catch it) stops as
+    on any interrupt. `signum` is the signal, `step` the step saved, `run_dir` the run; the
+    message says how to continue.
+    """
+
+    def __init__(self, signum: int, step: int, run_dir: Path):
+        super().__init__(
+            f"stopped by {signal.Signals(signum).name} after step {step:,}, saved in {run_dir / 'last.pt'}; "
+            f"continue with: python -m shaq train --resume {run_dir}")
+        self.signum, self.step, self.run_dir = signum, step, run_dir
 
 
 # ----------------------------------------------------------------------------- config
@@ -62,19 +90,22 @@ class TrainConfig:
     """How to train: data, batches, optimisation, evaluation, where to write. Presets: `smoke()`,
     `cpu()`, `paper()`. The defaults are the reference's first pass (README command + main.py).
 
-    Sizes are in bytes (= tokens) unless named otherwise. A run stops after `steps` steps or
-    `minutes` of wall-clock time, whichever comes first (validations count, the final
-    evaluation does not).
+    Sizes are in bytes (= tokens) unless named otherwise. A run stops after `epochs` passes over
+    the training data, `steps` steps or `minutes` of wall-clock time, whichever comes first
+    (validations count, the final evaluation does not); at least one of the three is set.
+    `init_from` starts a new run from another run's weights with a fresh optimizer and
+    schedule (the reference's second pass).
     """
 
     model: str = "shaq"  # 'shaq', 'sharnn' or 'lstm'
-    data: str = "auto"  # 'enwik8', 'standin', or 'auto': enwik8 if obtainable, else the stand-in
+    data: str = "enwik8"  # 'enwik8', 'standin', or 'auto': enwik8 if obtainable, else the stand-in
     data_root: str = "data"  # where enwik8.zip / enwik8 are looked for and downloaded to
     max_bytes: int | None = None  # train on this prefix of the training split only
     batch_size: int = 16  # parallel rows, over all processes
     seq_len: int = 1024  # segment length (BPTT), also used for evaluation
     variable_seq_len: bool = True  # vary the training segment length as the reference did
-    steps: int | None = 175_776  # 32 epochs of enwik8's 90M training bytes in 16 x 1024 segments
+    epochs: float | None = 32  # passes over the training data (fractions allowed)
+    steps: int | None = None
     minutes: float | None = None
     optimizer: str = "lamb"  # 'lamb' (LAMB with minimum trust) or 'adam'
     lr: float = 2e-3
@@ -82,7 +113,8 @@ class TrainConfig:
     weight_decay: float = 1.2e-6
     min_trust: float = 0.25  # LAMB's floor of the trust ratio
     clip: float = 0.25  # max global gradient norm; 0 = no clipping
-    eval_interval: int = 2000  # steps between validations; 0 = only at the end
+    eval_interval: int = 0  # steps between validations; 0 = only at the end (and epoch ends, below)
+    eval_each_epoch: bool = True  # also validate when an epoch ends, as the reference does
     eval_bytes: int | None = None  # validate on this prefix of the valid split (None = all of it)
     eval_batch_size: int = 16  # rows for validation
     test_batch_size: int = 8  # rows for the final test (8 in the reference: results depend on it)
@@ -94,6 +126,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model (0.58x eager for SHAQ on a 2-core CPU: see README)
     on_nonfinite: str = "stop"  # a NaN/inf loss: 'stop' (raise TrainingError) or 'skip' the step
     out_dir: str | None = None  # the run folder; None = runs/<model>-<date>-<time>
+    init_from: str | None = None  # a checkpoint whose weights start a new run (fresh optimizer and schedule)
 
     def __post_init__(self):
         problems = []
@@ -111,7 +144,9 @@ class TrainConfig:
             need(value is None or value >= 2, f"{name} must be >= 2 bytes or None (= the whole split), got {value}")
         need(not self.variable_seq_len or self.seq_len >= 5,
              f"variable_seq_len needs seq_len >= 5 (lengths are clamped to [5, seq_len]), got {self.seq_len}")
-        need(self.steps is not None or self.minutes is not None, "set steps or minutes (or both) to say when to stop")
+        need(self.epochs is not None or self.steps is not None or self.minutes is not None,
+             "set epochs, steps or minutes (any of them) to say when to stop")
+        need(self.epochs is None or self.epochs > 0, f"epochs must be > 0 or None, got {self.epochs}")
         need(self.steps is None or self.steps >= 1, f"steps must be >= 1 or None, got {self.steps}")
         need(self.minutes is None or self.minutes > 0, f"minutes must be > 0 or None, got {self.minutes}")
         need(self.optimizer in ("lamb", "adam"), f"optimizer must be 'lamb' or 'adam', got {self.optimizer!r}")
@@ -129,22 +164,26 @@ class TrainConfig:
 
     @classmethod
     def paper(cls, **overrides) -> "TrainConfig":
-        """The reference's first pass: LAMB 2e-3, warmup 800, batch 16 x 1024 (variable), 32 epochs."""
+        """The reference's first pass: enwik8, LAMB 2e-3, warmup 800, batch 16 x 1024 (variable), 32
+        epochs, validation at the end of each. Its second pass is a new run from the best weights:
+        `paper(init_from="RUN/best.pt", lr=1e-3, epochs=5, seed=125)`."""
         return cls(**overrides)
 
     @classmethod
     def cpu(cls, **overrides) -> "TrainConfig":
         """Ten minutes on 2 CPU cores with SHARNNConfig.cpu(): batch 16 x 256, a short warmup, and
         a final evaluation on at most 1 MB of valid and test (all of the stand-in's)."""
-        return replace(cls(seq_len=256, steps=None, minutes=10, warmup=100, eval_interval=200,
-                           eval_bytes=131_072, final_bytes=1_000_000, save_interval=200), **overrides)
+        return replace(cls(data="auto", seq_len=256, epochs=None, minutes=10, warmup=100, eval_interval=200,
+                           eval_each_epoch=False, eval_bytes=131_072, final_bytes=1_000_000, save_interval=200),
+                       **overrides)
 
     @classmethod
     def smoke(cls, **overrides) -> "TrainConfig":
         """Seconds, for tests and CI: 20 steps of 4 x 32 on a 100 kB prefix of the stand-in."""
         return replace(cls(data="standin", max_bytes=100_000, batch_size=4, seq_len=32, variable_seq_len=False,
-                           steps=20, warmup=5, eval_interval=10, eval_bytes=4096, eval_batch_size=4,
-                           test_batch_size=4, final_bytes=8192, save_interval=10), **overrides)
+                           epochs=None, steps=20, warmup=5, eval_interval=10, eval_each_epoch=False,
+                           eval_bytes=4096, eval_batch_size=4, test_batch_size=4, final_bytes=8192,
+                           save_interval=10), **overrides)
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "TrainConfig":
@@ -158,8 +197,11 @@ class TrainConfig:
         return asdict(self)
 
 
+# Fields that checkpoints of shaq 0.1 lack, with the values that reproduce how those runs ran.
+LEGACY_TRAIN_FIELDS = {"epochs": None, "eval_each_epoch": False, "init_from": None}
+
 # Settings a resumed run may change: how long it runs and how it reports, not what it computes.
-RESUMABLE = frozenset({"steps", "minutes", "eval_interval", "save_interval", "final_bytes", "device", "amp",
+RESUMABLE = frozenset({"epochs", "steps", "minutes", "eval_interval", "save_interval", "final_bytes", "device", "amp",
                        "compile", "on_nonfinite", "data_root"})
 
 
@@ -247,11 +289,20 @@ def evaluate(
     divided by ln 2. (The reference divides the sum by N instead of N - 1 per row, a
     difference of 1/N.) More rows mean more cold starts and a slightly worse number: the
     reference tests with 8.
+
+    Raises NonFiniteError when the loss is NaN or infinite: no number of bits per byte is
+    right then, and a `nan` printed as a result would pass for one.
     """
     device = next(model.parameters()).device
     columns = batchify(data[:max_bytes], batch_size).to(device)
     nats, count = _sum_nats(model, columns, bptt, amp_dtype)
-    return nats / count / LN2
+    bpb = nats / count / LN2
+    if not math.isfinite(bpb):
+        raise NonFiniteError(
+            f"the weights give a non-finite loss ({bpb} bits per byte on {count:,} predicted bytes): "
+            "they are damaged or diverged. Evaluate the run's other checkpoint (best.pt / last.pt), "
+            "or retrain with a lower --lr or --clip")
+    return bpb
 
 
 # ----------------------------------------------------------------------------- the trainer
@@ -283,12 +334,17 @@ class Trainer:
         callback: Callable[[dict], None] | None = None,
         verbose: bool = True,
         _checkpoint: dict | None = None,
+        _source: dict | None = None,
     ):
         self.callback, self.verbose = callback, verbose
         self.dist, self.device = init_distributed(config.device)
         world = self.dist.world_size
         if config.batch_size % world:
             raise ValueError(f"batch_size {config.batch_size} does not split over {world} processes; use a multiple of {world}")
+        if self.dist.is_main and config.out_dir is not None:
+            # Before any work: refuse a folder that another process writes, or a new run into an old one.
+            check_not_locked(config.out_dir)
+            _refuse_existing_run(Path(config.out_dir), _checkpoint)
         self.amp_dtype = autocast_dtype(self.device, config.amp)
         if self.device.type == "cuda":
             torch.set_float32_matmul_precision("high")  # TF32 for whatever autocast leaves in float32
@@ -306,6 +362,11 @@ class Trainer:
         torch.manual_seed(config.seed)
         self.model = build_model(config.model, model_config).to(self.device)
         self.model_config = self.model.config  # SHAQ's has rnn='qrnn' filled in
+        # Where a run that starts from another's weights started (None otherwise); a resumed
+        # run has its weights from last.pt instead.
+        self.started_from = None
+        if config.init_from is not None and _checkpoint is None:
+            self.started_from = self._load_initial_weights(config.init_from, _source)
         random.seed(config.seed + self.dist.rank)
         torch.manual_seed(config.seed + self.dist.rank)
         self.n_params = sum(p.numel() for p in self.model.parameters())
@@ -336,9 +397,17 @@ class Trainer:
         self.best_valid_bpb: float | None = None
         self.best_step = 0
         self.time_up = False
-        self.run_dir = self._setup_run_dir(_checkpoint)
-        if _checkpoint is not None:
-            self._restore(_checkpoint)
+        self._signal: int | None = None  # SIGINT or SIGTERM, once caught during fit()
+        self._stop_agreed = False  # whether any process had caught one at the last step's all-reduce
+        self._handlers: dict[int, object] = {}  # the handlers SIGINT and SIGTERM had before fit() took them
+        self._lock: RunLock | None = None
+        try:
+            self.run_dir = self._setup_run_dir(_checkpoint)  # takes the lock
+            if _checkpoint is not None:
+                self._restore(_checkpoint)
+        except BaseException:
+            self.close()  # a Trainer that failed to start must not keep its folder locked
+            raise
 
     @classmethod
     def resume(
@@ -354,12 +423,16 @@ class Trainer:
 
         The run's saved configs are used. `overrides` may change only how long it runs and how
         it reports (RESUMABLE: steps, minutes, device, ...); any other TrainConfig field or any
-        `model_overrides` entry that differs from the checkpoint raises CheckpointError.
+        `model_overrides` entry that differs from the checkpoint raises CheckpointError; a run
+        that another process is writing raises RunLockError before anything is read.
         """
         path = Path(path)
         file = path / "last.pt" if path.is_dir() else path
+        # Rank 0 will write (torchrun's RANK: the process group is not joined yet).
+        if path.exists() and int(os.environ.get("RANK", "0")) == 0:
+            check_not_locked(file.parent)
         checkpoint = load_checkpoint(file)
-        saved = checkpoint["train_config"]
+        saved = {**LEGACY_TRAIN_FIELDS, **checkpoint["train_config"]}
         problems = [f"{key} {saved.get(key)!r} (checkpoint) vs {value!r}" for key, value in overrides.items()
                     if key not in RESUMABLE and saved.get(key) != value]
         problems += [f"{key} {checkpoint['model_config'].get(key)!r} (checkpoint) vs {value!r}"
@@ -375,7 +448,43 @@ class Trainer:
             raise CheckpointError(f"{file} holds settings this shaq does not know: {err}") from err
         return cls(config, model_config, callback=callback, verbose=verbose, _checkpoint=checkpoint)
 
+    @classmethod
+    def start_from(
+        cls,
+        path: str | Path,
+        *,
+        callback: Callable[[dict], None] | None = None,
+        verbose: bool = True,
+        **overrides,
+    ) -> "Trainer":
+        """A new run from the weights of the checkpoint (or run folder: its best.pt) at `path`,
+        with a fresh optimizer, schedule and warmup: the reference's second pass, e.g.
+        `Trainer.start_from("runs/x/best.pt", lr=1e-3, epochs=5, seed=125)`.
+
+        The model is the checkpoint's; the training settings are its run's, with `overrides`
+        applied (any TrainConfig field) and a new run folder (`out_dir`, default a fresh one).
+        """
+        file = find_checkpoint(path)
+        source = load_checkpoint(file)
+        saved = {**LEGACY_TRAIN_FIELDS, **source["train_config"], "out_dir": None}
+        try:
+            config = TrainConfig(**{**saved, **overrides, "init_from": str(file)})
+            model_config = SHARNNConfig(**source["model_config"])
+        except TypeError as err:
+            raise CheckpointError(f"{file} holds settings this shaq does not know: {err}") from err
+        return cls(config, model_config, callback=callback, verbose=verbose, _source=source)
+
     # ------------------------------------------------------------------------- setup helpers
+
+    def _load_initial_weights(self, path: str, source: dict | None) -> dict:
+        """Load the weights of the checkpoint at `path` (already read: `source`) into the model;
+        return what config.json records of where the run started."""
+        file = find_checkpoint(path)
+        source = source if source is not None else load_checkpoint(file)
+        check_model(source, self.config.model, self.model_config)
+        load_weights(self.model, source)
+        return {"checkpoint": str(file.resolve()), "model": source["model_name"], "step": source["step"],
+                "best_valid_bpb": source["best_valid_bpb"], "data": source["train_config"].get("data")}
 
     def _eval_rows(self, split: torch.Tensor, max_bytes: int | None, batch_size: int) -> torch.Tensor:
         """This process's share of the rows of an evaluation split, on the device."""
@@ -388,8 +497,6 @@ class Trainer:
         if self.dist.is_main:
             if self.config.out_dir is not None:
                 path = Path(self.config.out_dir)
-                if checkpoint is None and (path / "last.pt").exists():
-                    raise ValueError(f"{path} already holds a run: continue it with --resume {path} or choose another --out")
             else:
                 stem = Path("runs") / f"{self.config.model}-{time.strftime('%Y%m%d-%H%M%S')}"
                 path, n = stem, 1
@@ -397,9 +504,14 @@ class Trainer:
                     n += 1
                     path = stem.with_name(f"{stem.name}-{n}")
             path.mkdir(parents=True, exist_ok=True)
-            remove_temp_files(path)
+            # Held until fit() ends; the folder is checked again under it, as a run may have ended
+            # there since the check before the corpus.
+            self._lock = RunLock(path)
+            _refuse_existing_run(path, checkpoint)
+            remove_temp_files(path)  # under the lock: no other process is saving there
             config = {"shaq_version": shaq.__version__, "model": self.config.model,
-                      "model_config": self.model_config.to_dict(), "train_config": self.config.to_dict()}
+                      "model_config": self.model_config.to_dict(), "train_config": self.config.to_dict(),
+                      "started_from": _recorded_start(path) if checkpoint is not None else self.started_from}
             (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
             if checkpoint is not None:
                 _trim_log(path / "metrics.jsonl", checkpoint["step"])
@@ -449,28 +561,40 @@ class Trainer:
 
     def _save(self, name: str, position: dict | None = None) -> None:
         """Save a checkpoint of `position` (default: now) as run_dir/name. Every process must call
-        it (the carried states and RNG states are gathered); rank 0 writes."""
+        it (the carried states and RNG states are gathered); rank 0 writes. A write that fails
+        (a full disk) raises TrainingError in every process: the run cannot go on unsaved."""
         position = position if position is not None else self._position()
         state, rngs = position["state"], [position["rng"]]
         if self.dist.enabled:
             state = _gather_state(state, self.dist.world_size)
             rngs = [None] * self.dist.world_size
             dist.all_gather_object(rngs, position["rng"])
-        if not self.dist.is_main:
-            return
-        save_checkpoint({
-            **position,
-            "rng": rngs,
-            "state": state_to_dict(state),
-            "model_name": self.config.model,
-            "model_config": self.model_config.to_dict(),
-            "train_config": self.config.to_dict(),
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "world_size": self.dist.world_size,
-        }, self.run_dir / name)
+        failure = None
+        if self.dist.is_main:
+            try:
+                save_checkpoint({
+                    **position,
+                    "rng": rngs,
+                    "state": state_to_dict(state),
+                    "model_name": self.config.model,
+                    "model_config": self.model_config.to_dict(),
+                    "train_config": self.config.to_dict(),
+                    "model": self.model.state_dict(),
+                    "optimizer": self.optimizer.state_dict(),
+                    "scheduler": self.scheduler.state_dict(),
+                    "scaler": self.scaler.state_dict(),
+                    "world_size": self.dist.world_size,
+                }, self.run_dir / name)
+            except CheckpointError as err:
+                failure = (f"{err}. Training stopped at step {self.step:,}; once the disk has room (or the "
+                           "folder lets us write), continue from the last checkpoint saved with "
+                           f"--resume {self.run_dir}")
+        if self.dist.enabled:  # the others stop too, rather than wait for rank 0 at the next step
+            shared = [failure]
+            dist.broadcast_object_list(shared, src=0)
+            failure = shared[0]
+        if failure is not None:
+            raise TrainingError(failure)
 
     # ------------------------------------------------------------------------- the loop
 
@@ -488,12 +612,12 @@ class Trainer:
         self.scaler.scale(out.loss).backward()  # DDP averages the gradients over processes here
         self.scaler.unscale_(self.optimizer)
         grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), config.clip if config.clip > 0 else math.inf)
-        # One collective per step: the summed losses and whether any process ran out of time
-        # (all must stop at the same step, or the others would wait forever).
+        # One collective per step: the summed losses and whether any process ran out of time or
+        # caught a stop signal (all must stop at the same step, or the others would wait forever).
         self.elapsed = time.perf_counter() - self._started
         time_up = config.minutes is not None and self.elapsed >= 60 * config.minutes
-        totals = all_reduce_sum(torch.stack([out.loss.detach().float(), torch.tensor(float(time_up), device=self.device)]),
-                                self.dist).tolist()
+        flags = torch.tensor([float(time_up), float(self._signal is not None)], device=self.device)
+        totals = all_reduce_sum(torch.cat([out.loss.detach().float().view(1), flags]), self.dist).tolist()
         loss, grad_norm = totals[0] / self.dist.world_size, grad_norm.item()
         lr = self.optimizer.param_groups[0]["lr"]
         # The fp16 scaler skips steps with inf gradients by design; without it they would
@@ -518,7 +642,7 @@ class Trainer:
         self.step += 1
         self.bytes_seen += inputs.size(1) * config.batch_size
         self.train_seconds += time.perf_counter() - start
-        self.time_up = totals[1] > 0
+        self.time_up, self._stop_agreed = totals[1] > 0, totals[2] > 0
         metrics = {"step": self.step, "time": round(self.elapsed, 3), "bytes": self.bytes_seen,
                    "loss": loss if finite else None, "bpb": loss / LN2 if finite else None, "lr": lr,
                    "grad_norm": grad_norm if math.isfinite(grad_norm) else None, "seq_len": inputs.size(1)}
@@ -534,31 +658,79 @@ class Trainer:
             nats, count = all_reduce_sum(totals, self.dist).tolist()
         return nats / count / LN2
 
+    @property
+    def epochs_done(self) -> float:
+        """Passes over the training data so far, with the current one's fraction: 2.5 is halfway
+        through the third epoch."""
+        last = self.train_data.size(1) - 1
+        return self.epoch + min(self.cursor, last) / last
+
+    def _epoch_ended(self) -> bool:
+        """Whether the last step read the end of the training data."""
+        return self.cursor >= self.train_data.size(1) - 1
+
     def _done(self) -> bool:
-        return self.time_up or (self.config.steps is not None and self.step >= self.config.steps)
+        config = self.config
+        return (self.time_up or (config.steps is not None and self.step >= config.steps)
+                or (config.epochs is not None and self.epochs_done >= config.epochs))
 
     def fit(self) -> dict:
-        """Train until `steps` or `minutes`, validate, test the best weights; return the summary.
+        """Train until `epochs`, `steps` or `minutes`, validate, test the best weights; return the summary.
 
         Summary keys: model, data, params, steps, bytes, seconds, bytes_per_second (training
         steps only), valid_bpb and test_bpb (of the weights of tested_step, the best
         validation, on the first valid_bytes / test_bytes of each split), nonfinite_steps,
         run_dir. Also written to summary.json.
-        Raises TrainingError on a non-finite loss with on_nonfinite='stop'.
+
+        SIGINT and SIGTERM (caught when fit runs in the main thread) end training after the step
+        in progress: last.pt is saved, a second signal meanwhile is ignored, and fit raises
+        TrainingInterrupted (a KeyboardInterrupt) instead of testing. When fit returns or raises,
+        the signals have their previous handlers back and the run folder is released, so that
+        Trainer.resume of it may follow in the same process.
+
+        A validation during training that is not finite is logged and never becomes the best;
+        a non-finite final valid or test bpb raises TrainingError (there is no result to
+        report). TrainingError also comes from a non-finite training loss with
+        on_nonfinite='stop' and from a checkpoint that cannot be written.
         """
+        if self.dist.is_main and self._lock is None:  # an earlier fit() let the folder go
+            self._lock = RunLock(self.run_dir)
+        self._signal, self._stop_agreed = None, False
+        try:
+            return self._fit()
+        finally:
+            self._restore_signals()
+            self.close()
+
+    def close(self) -> None:
+        """Release the run folder, so that another Trainer of it (Trainer.resume) may start; fit()
+        does this when it ends. Also what `with Trainer(...) as trainer:` does at the end."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def __enter__(self) -> "Trainer":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def _fit(self) -> dict:
+        """fit() with the folder held: train, save, test."""
         config, main = self.config, self.dist.is_main
         if self.verbose and main:
             print(self._header())
         log = open(self.run_dir / "metrics.jsonl", "a") if main else None
-        bar = tqdm(total=config.steps, initial=self.step, desc=config.model, unit="step", dynamic_ncols=True,
-                   disable=not (self.verbose and main))
+        bar = _Progress(self, disable=not (self.verbose and main))
         bytes_before, seconds_before, valid_bpb = self.bytes_seen, self.train_seconds, None  # for this session's rate
         self.model.train()
         self._started = time.perf_counter() - self.elapsed  # the clock goes on from a resumed run's time
+        self._catch_signals()
         try:
-            while not self._done():
+            while not self._done() and not self._stop_requested():
                 metrics = self._train_step()
-                if (config.eval_interval and self.step % config.eval_interval == 0) or self._done():
+                if ((config.eval_interval and self.step % config.eval_interval == 0)
+                        or (config.eval_each_epoch and self._epoch_ended()) or self._done()):
                     valid_bpb = metrics["valid_bpb"] = self._validate()
                 if config.save_interval and self.step % config.save_interval == 0 and not self._done():
                     self._save("last.pt")
@@ -567,22 +739,62 @@ class Trainer:
                     log.flush()
                     if self.callback is not None:
                         self.callback(metrics)
-                bar.update(1)
                 rate = (self.bytes_seen - bytes_before) / max(self.train_seconds - seconds_before, 1e-9)
-                bar.set_postfix_str(_postfix(metrics, valid_bpb, rate), refresh=False)
+                bar.update(self, _postfix(metrics, valid_bpb, rate))
         finally:
             bar.close()
             if log is not None:
                 log.close()
         self.elapsed = time.perf_counter() - self._started
         self._save("last.pt")
+        self._restore_signals()  # a signal during the test interrupts it as usual: last.pt is saved
+        if self._stop_requested():
+            # Under torchrun a process may stop for another's signal: it reports SIGTERM, a job's usual stop.
+            raise TrainingInterrupted(self._signal or signal.SIGTERM, self.step, self.run_dir)
+        if self._signal is not None:  # caught after the processes last agreed to go on: deliver it now
+            signal.raise_signal(self._signal)
         summary = self._final_evaluation()
         if self.verbose and main:
             print(format_summary(summary))
         return summary
 
+    def _catch_signals(self) -> None:
+        """Make SIGINT and SIGTERM ask for a stop after the step in progress, keeping the handlers
+        they had. Only the main thread may set handlers (a fit() in another thread keeps the
+        usual ones), and a signal that was ignored (SIGINT in a job a shell started with &)
+        stays ignored."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            if signal.getsignal(signum) != signal.SIG_IGN:
+                self._handlers[signum] = signal.signal(signum, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        if self._signal is None:
+            self._signal = signum
+            message = f"\n{signal.Signals(signum).name}: stopping after this step; saving last.pt first\n"
+        else:
+            message = ("\nalready stopping: last.pt is being saved; wait for it (SIGKILL would stop at once, "
+                       "losing the steps since the last save)\n")
+        # os.write, not print: the signal may have come in the middle of a print (the progress bar's).
+        os.write(2, message.encode())
+
+    def _restore_signals(self) -> None:
+        """Give SIGINT and SIGTERM back the handlers that _catch_signals found."""
+        for signum, previous in self._handlers.items():
+            # None: a handler set outside Python, which cannot be put back; the default is the next best.
+            signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
+        self._handlers = {}
+
+    def _stop_requested(self) -> bool:
+        """Whether a signal asks to stop: as all processes agreed at the last step's all-reduce, or,
+        in a single process, as soon as it is caught (one that comes during a validation stops
+        the run before the next step)."""
+        return self._stop_agreed if self.dist.enabled else self._signal is not None
+
     def _validate(self) -> float:
-        """Validation bpb now; a new best is saved as best.pt."""
+        """Validation bpb now; a new best is saved as best.pt. A non-finite one is returned (and
+        logged) as it is, and never becomes the best."""
         bpb = self._bpb(self.valid_data)
         if math.isfinite(bpb) and (self.best_valid_bpb is None or bpb < self.best_valid_bpb):
             self.best_valid_bpb, self.best_step = bpb, self.step
@@ -603,6 +815,12 @@ class Trainer:
         else:
             valid_bpb = self._bpb(self._eval_rows(self.corpus.valid, config.final_bytes, config.eval_batch_size))
         test_bpb = self._bpb(self._eval_rows(self.corpus.test, config.final_bytes, config.test_batch_size))
+        for split, bpb in (("valid", valid_bpb), ("test", test_bpb)):
+            if not math.isfinite(bpb):
+                raise TrainingError(
+                    f"the weights of step {tested_step:,} give a non-finite {split} loss ({bpb} bpb): they "
+                    f"diverged, so there is no result to report ({self.run_dir} keeps the checkpoints). "
+                    "Retrain with a lower --lr or --clip")
         summary = {
             "model": config.model, "data": self.corpus.name, "params": self.n_params, "steps": self.step,
             "bytes": self.bytes_seen, "seconds": round(self.elapsed, 3),
@@ -620,7 +838,8 @@ class Trainer:
         config = self.config
         precision = {None: "float32", torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast + scaler"}
         world = f" x {self.dist.world_size} processes" if self.dist.enabled else ""
-        until = " or ".join(part for part in (f"{config.steps:,} steps" if config.steps else "",
+        until = " or ".join(part for part in (f"{config.epochs:g} epochs" if config.epochs else "",
+                                              f"{config.steps:,} steps" if config.steps else "",
                                               f"{config.minutes:g} min" if config.minutes else "") if part)
         return (f"{config.model}: {self.n_params:,} parameters | {self.corpus.name}: "
                 f"{self.train_data.numel() * self.dist.world_size:,} training bytes | {self.device}{world}, "
@@ -642,6 +861,22 @@ def _gather_state(state: State | None, world_size: int) -> State | None:
                  memory=[gather(m) if m is not None else None for m in state.memory])
 
 
+def _refuse_existing_run(path: Path, checkpoint: dict | None) -> None:
+    """A new run (no `checkpoint` to resume) may not write into a folder that holds one."""
+    if checkpoint is None and (path / "last.pt").exists():
+        raise ValueError(
+            f"{path} already holds a run: continue it with --resume {path} or choose another --out")
+
+
+def _recorded_start(run_dir: Path) -> dict | None:
+    """What an earlier config.json of this run folder recorded under started_from (a resumed run
+    keeps the record of where its first session started)."""
+    try:
+        return json.loads((run_dir / "config.json").read_text()).get("started_from")
+    except (OSError, ValueError):
+        return None
+
+
 def _trim_log(path: Path, step: int) -> None:
     """Drop the log lines of steps after `step` (a crashed run logged steps its last.pt does not
     hold), and a last line that the crash cut short."""
@@ -658,6 +893,56 @@ def _trim_log(path: Path, step: int) -> None:
             kept.append(line)
     if len(kept) != len(lines):
         path.write_text("".join(kept))
+
+
+class _Progress:
+    """A run's progress bar, measured in what bounds the run: its time budget when it has one
+    (the bar then ends when time is up, and shows the time left), else its steps, else its
+    epochs. Bytes/s, bpb and the step go in the text after the bar."""
+
+    def __init__(self, trainer: "Trainer", disable: bool):
+        config = trainer.config
+        if config.minutes is not None:
+            self.measure, total = "time", 60 * config.minutes
+        elif config.steps is not None:
+            self.measure, total = "step", config.steps
+        else:
+            self.measure, total = "epoch", config.epochs
+        self.total, self.name = total, config.model
+        # The text after the bar is the description: tqdm's own postfix field starts with ", ".
+        self.bar = tqdm(total=total, initial=self._at(trainer), desc=config.model, dynamic_ncols=True, disable=disable,
+                        bar_format="{percentage:3.0f}%|{bar}| {desc}")
+
+    def _at(self, trainer: "Trainer") -> float:
+        position = {"time": trainer.elapsed, "step": trainer.step, "epoch": trainer.epochs_done}[self.measure]
+        return min(position, self.total)
+
+    def update(self, trainer: "Trainer", text: str) -> None:
+        if self.measure == "time":
+            left = f"{format_duration(max(self.total - trainer.elapsed, 0))} left"
+        elif self.measure == "step":
+            left = f"step {trainer.step:,}/{self.total:,}"
+        else:
+            left = f"epoch {trainer.epochs_done:.3f}/{self.total:g}"
+        self.bar.set_description_str(f"{self.name} | {text} | {left}", refresh=False)
+        self.bar.update(self._at(trainer) - self.bar.n)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def format_duration(seconds: float) -> str:
+    """A duration for people: ``0.4 s``, ``42 s``, ``2 min 13 s``, ``1 h 05 min``."""
+    if seconds < 0:
+        raise ValueError(f"a duration cannot be negative, got {seconds}")
+    if seconds < 10:
+        return f"{seconds:.1f} s"
+    whole = int(round(seconds))
+    if whole < 60:
+        return f"{whole} s"
+    if whole < 3600:
+        return f"{whole // 60} min {whole % 60} s"
+    return f"{whole // 3600} h {whole % 3600 // 60:02d} min"
 
 
 def _postfix(metrics: dict, valid_bpb: float | None, rate: float) -> str:

@@ -87,6 +87,35 @@ def test_enwik8_without_network_says_what_to_do(tmp_path, monkeypatch, capsys):
     assert json.loads((tmp_path / "auto" / "config.json").read_text())["train_config"]["data"] == "standin"
 
 
+def test_paper_preset_needs_enwik8_and_stops_before_any_work(tmp_path, monkeypatch, capsys):
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network here")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    monkeypatch.chdir(tmp_path)  # the default run folder would be ./runs/...
+    with pytest.raises(SystemExit) as stop:
+        main(["train", "--preset", "paper", "--data-root", str(tmp_path / "data")])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "enwik8" in err and "--data standin" in err and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]  # no run folder
+
+
+def test_init_from_is_a_second_pass(tmp_path, capsys):
+    assert run_main(["train", "--preset", "smoke", "--steps", 4, "--eval-interval", 2, "--out", tmp_path / "first",
+                     "--quiet"]) == 0
+    for wrong, message in ((["--preset", "smoke"], "drop --preset"), (["--d-model", "32"], "drop --preset"),
+                           (["--resume", tmp_path / "first"], "choose one")):
+        with pytest.raises(SystemExit):
+            run_main(["train", "--init-from", tmp_path / "first" / "best.pt", *wrong])
+        assert message in capsys.readouterr().err
+    assert run_main(["train", "--init-from", tmp_path / "first" / "best.pt", "--lr", "1e-3", "--epochs", "5",
+                     "--seed", "125", "--steps", 2, "--out", tmp_path / "second", "--quiet"]) == 0
+    config = json.loads((tmp_path / "second" / "config.json").read_text())
+    assert config["started_from"]["step"] in (2, 4) and config["train_config"]["seed"] == 125
+    assert config["train_config"]["lr"] == 1e-3 and config["train_config"]["epochs"] == 5
+
+
 def test_damaged_checkpoint_is_a_clear_error(tmp_path, capsys):
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(SystemExit) as stop:

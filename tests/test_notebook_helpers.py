@@ -30,25 +30,33 @@ def clean_env(monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "value, cuda, expected",
-    [
-        (None, False, "demo"),
-        (None, True, "full"),
-        ("", True, "full"),
-        ("   ", False, "demo"),
-        ("smoke", True, "smoke"),
-        (" Demo ", False, "demo"),
-        ("FULL", False, "full"),
-    ],
+    "value, expected",
+    [(None, "demo"), ("", "demo"), ("   ", "demo"), ("smoke", "smoke"), (" Demo ", "demo"), ("FULL", "full")],
 )
-def test_parse_level(value, cuda, expected):
-    assert notebook.parse_level(value, cuda) == expected
+def test_parse_level(value, expected):
+    """Unset means demo on every machine: full (hours of GPU time) is only ever asked for."""
+    assert notebook.parse_level(value) == expected
 
 
 @pytest.mark.parametrize("value", ["quick", "smoke1", "0", "tiny"])
 def test_parse_level_rejects_unknown_names_and_lists_the_valid_ones(value):
     with pytest.raises(ValueError, match="smoke, demo, full"):
-        notebook.parse_level(value, False)
+        notebook.parse_level(value)
+
+
+def test_full_cost_is_said_in_gpu_hours_at_the_papers_speed():
+    from shaq.train import TrainConfig
+
+    # 32 epochs of enwik8 at 1,800 s an epoch: 16 GPU-hours.
+    assert "16.0 GPU-hours" in notebook.full_cost(TrainConfig.paper())
+    # 2,000 steps of 16 x 1024 bytes = 32,768,000 bytes at 50,000 bytes/s: 655 s.
+    assert "11 GPU-minutes" in notebook.full_cost(TrainConfig.paper(steps=2000, epochs=None))
+    # A time budget bounds the cost when it ends first.
+    line = notebook.full_cost(TrainConfig.paper(minutes=60))
+    assert "1.0 GPU-hours" in line and "60-minute budget" in line
+    assert "20 GPU-minutes" in notebook.full_cost(train_bytes=60_000_000)
+    with pytest.raises(ValueError, match="not both"):
+        notebook.full_cost()
 
 
 def test_setup_reads_the_level_and_device_from_the_environment(clean_env):

@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
-from shaq.checkpoint import load_checkpoint
+from shaq.checkpoint import CheckpointError, load_checkpoint
 from shaq.device import autocast_dtype, pick_device
 from shaq.models import SHARNNConfig, build_model
-from shaq.train import LN2, TrainConfig, Trainer, TrainingError, evaluate
+from shaq.train import LN2, TrainConfig, Trainer, TrainingError, _Progress, evaluate
 
 
 def smoke(tmp_path, name="run", **overrides) -> TrainConfig:
@@ -149,7 +149,8 @@ def test_nonfinite_loss_can_be_skipped(tmp_path):
     (dict(model="gru"), "model must be one of"),
     (dict(data="wiki"), "data must be"),
     (dict(optimizer="sgd"), "optimizer must be"),
-    (dict(steps=None, minutes=None), "set steps or minutes"),
+    (dict(epochs=None, steps=None, minutes=None), "set epochs, steps or minutes"),
+    (dict(epochs=0), "epochs must be > 0"),
     (dict(lr=0), "lr must be > 0"),
     (dict(on_nonfinite="ignore"), "on_nonfinite must be"),
     (dict(eval_bytes=1), "eval_bytes must be >= 2"),
@@ -167,6 +168,9 @@ def test_train_config_presets():
     assert (paper.optimizer, paper.lr, paper.warmup, paper.clip, paper.weight_decay) == ("lamb", 2e-3, 800, 0.25, 1.2e-6)
     assert (paper.batch_size, paper.seq_len, paper.variable_seq_len) == (16, 1024, True)
     assert (paper.eval_batch_size, paper.test_batch_size, paper.seed) == (16, 8, 5512)
+    # The reference's length and validation: 32 epochs, validated once per epoch; enwik8 only.
+    assert (paper.epochs, paper.steps, paper.minutes) == (32, None, None)
+    assert (paper.eval_interval, paper.eval_each_epoch, paper.data) == (0, True, "enwik8")
     assert TrainConfig.preset("smoke", steps=3).steps == 3
     assert TrainConfig.cpu().minutes is not None
     with pytest.raises(ValueError, match="unknown preset 'huge'"):
@@ -189,3 +193,64 @@ def test_device_selection():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="no CUDA GPU"):
             pick_device("cuda")
+
+
+def test_epochs_bound_a_run_and_each_epoch_end_is_validated(tmp_path):
+    # 2,000 bytes in 4 rows: an epoch is 499 input columns, i.e. 15 full segments of 32 and one of 19.
+    config = smoke(tmp_path, max_bytes=2000, epochs=2, steps=None, eval_interval=0, eval_each_epoch=True,
+                   save_interval=0)
+    trainer = Trainer(config, SHARNNConfig.smoke(), verbose=False)
+    trainer.fit()
+    log = read_log(tmp_path / "run")
+    assert len(log) == 32 and [m["seq_len"] for m in log[14:17]] == [32, 19, 32]
+    assert [m["step"] for m in log if "valid_bpb" in m] == [16, 32]  # the two epoch ends
+    assert trainer.epochs_done == 2.0 and trainer.step == 32
+
+    half = Trainer(smoke(tmp_path, "half", max_bytes=2000, epochs=0.5, steps=None, eval_interval=0),
+                   SHARNNConfig.smoke(), verbose=False)
+    half.fit()
+    assert half.step == 8 and 0.5 <= half.epochs_done < 0.6  # 8 x 32 = 256 of 499 columns
+
+
+def test_start_from_loads_weights_with_a_fresh_optimizer_and_records_where(tmp_path):
+    first = Trainer(smoke(tmp_path, "first", steps=6, eval_interval=3), SHARNNConfig.smoke(), verbose=False)
+    first.fit()
+    best = load_checkpoint(tmp_path / "first" / "best.pt")
+    second = Trainer.start_from(tmp_path / "first" / "best.pt", lr=1e-3, epochs=5, steps=4, seed=125,
+                                out_dir=str(tmp_path / "second"), verbose=False)
+    # The weights are the checkpoint's; optimizer, schedule and counters start afresh.
+    for name, tensor in second.model.state_dict().items():
+        assert torch.equal(tensor, best["model"][name]), name
+    assert second.step == 0 and second.optimizer.state_dict()["state"] == {}
+    assert second.scheduler.last_epoch == 0
+    assert (second.config.lr, second.config.epochs, second.config.seed) == (1e-3, 5, 125)
+    assert second.config.batch_size == first.config.batch_size  # the rest is the first run's
+    second.fit()
+    started = json.loads((tmp_path / "second" / "config.json").read_text())["started_from"]
+    assert started["checkpoint"] == str((tmp_path / "first" / "best.pt").resolve())
+    assert started["step"] == best["step"] and started["model"] == "shaq"
+    assert [m["lr"] for m in read_log(tmp_path / "second")] == pytest.approx([2e-4, 4e-4, 6e-4, 8e-4])  # warmup again
+    # A resumed second pass keeps the record of where its first session started.
+    Trainer.resume(tmp_path / "second", steps=5, verbose=False).fit()
+    assert json.loads((tmp_path / "second" / "config.json").read_text())["started_from"] == started
+
+
+def test_start_from_refuses_another_model(tmp_path):
+    Trainer(smoke(tmp_path, "first", steps=2, eval_interval=0), SHARNNConfig.smoke(), verbose=False).fit()
+    config = smoke(tmp_path, "other", model="sharnn", init_from=str(tmp_path / "first" / "last.pt"))
+    with pytest.raises(CheckpointError, match="another model: model 'shaq'"):
+        Trainer(config, SHARNNConfig.smoke(), verbose=False)
+
+
+@pytest.mark.parametrize("bounds, measure, total", [
+    (dict(minutes=2, steps=None), "time", 120), (dict(steps=7), "step", 7), (dict(steps=None, epochs=3), "epoch", 3),
+])
+def test_progress_is_measured_in_what_bounds_the_run(tmp_path, bounds, measure, total):
+    trainer = Trainer(smoke(tmp_path, **bounds), SHARNNConfig.smoke(), verbose=False)
+    progress = _Progress(trainer, disable=True)
+    assert (progress.measure, progress.bar.total) == (measure, total)
+    trainer.step, trainer.elapsed, trainer.cursor = 3, 30.0, 0
+    progress.update(trainer, "loss 1.000")
+    text = progress.bar.desc
+    assert {"time": "1 min 30 s left", "step": "step 3/7", "epoch": "epoch 0.000/3"}[measure] in text
+    assert progress._at(trainer) == {"time": 30.0, "step": 3, "epoch": 0.0}[measure]
