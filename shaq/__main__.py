@@ -189,7 +189,7 @@ def _train(args: argparse.Namespace) -> int:
         print(f"shaq: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # outside the training loop: during the final test, after last.pt was saved
-        print(f"\ninterrupted at step {trainer.step}; continue with: python -m shaq train --resume {trainer.run_dir}",
+        print(f"\ninterrupted at step {trainer.progress.step}; continue with: python -m shaq train --resume {trainer.run_dir}",
               file=sys.stderr)
         return 130
     return 0

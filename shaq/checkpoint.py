@@ -9,9 +9,8 @@ pickled code. Its keys:
     model, optimizer, scheduler, scaler     state dicts
     rng, data_rng                           RNG states: per process (python, torch, device) and
                                             the generator that draws variable segment lengths
-    cursor, epoch, state                    where the training data is, and the carried State
-    step, bytes, elapsed, train_seconds     counters
-    best_valid_bpb, best_step, nonfinite_steps, world_size
+    state, world_size                       the carried State (of the whole batch) and the processes
+    step, epoch, cursor, bytes, ...         where the run stands: the fields of `Progress`
 
 The file is the `torch.save` bytes (a zip archive) followed by a fixed 89-byte trailer: the
 marker "\nshaq-checkpoint sha256 ", the SHA-256 of all the bytes before the trailer in hex, and
@@ -39,6 +38,7 @@ import random
 import tempfile
 import warnings
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import BinaryIO
 
@@ -57,11 +57,30 @@ UNCHECKED_VERSION = 1
 _TRAILER_MARK = b"\nshaq-checkpoint sha256 "
 _TRAILER_SIZE = len(_TRAILER_MARK) + 64 + 1  # marker, hex digest, newline
 
-KEYS = (
-    "model_name", "model_config", "train_config", "model", "optimizer", "scheduler", "scaler",
-    "rng", "data_rng", "cursor", "epoch", "state", "step", "bytes", "elapsed", "train_seconds",
-    "best_valid_bpb", "best_step", "nonfinite_steps", "world_size",
-)
+@dataclass
+class Progress:
+    """Where a run stands between two steps: the counters a checkpoint saves and a resume restores."""
+
+    step: int = 0
+    epoch: int = 0
+    cursor: int = 0  # the next input column of the training rows
+    bytes: int = 0  # training bytes read, over all processes
+    elapsed: float = 0.0  # wall-clock seconds of the run, validations included
+    train_seconds: float = 0.0  # seconds of training steps alone
+    best_valid_bpb: float | None = None
+    best_step: int = 0
+    nonfinite_steps: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, saved: dict) -> "Progress":
+        return cls(**{f.name: saved[f.name] for f in fields(cls)})
+
+
+KEYS = ("model_name", "model_config", "train_config", "model", "optimizer", "scheduler", "scaler", "rng",
+        "data_rng", "state", "world_size", *(f.name for f in fields(Progress)))
 
 
 class CheckpointError(RuntimeError):

@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 
 import shaq
 from shaq.checkpoint import (
-    CheckpointError, check_model, find_checkpoint, load_checkpoint, load_weights, remove_temp_files, rng_state,
+    CheckpointError, Progress, check_model, find_checkpoint, load_checkpoint, load_weights, remove_temp_files, rng_state,
     save_checkpoint, set_rng_state, state_from_dict, state_to_dict,
 )
 from shaq.data import Corpus, DataError, batchify, get_segment, load_enwik8, load_standin, segment_length
@@ -319,9 +319,9 @@ class Trainer:
             valid_bpb on validation steps), e.g. to draw a live plot in a notebook.
         verbose: print the header, a progress bar and the summary (rank 0 only).
 
-    Attributes: `model` (the raw module, whose weights are saved), `run_dir`, `corpus`, and the
-    counters `step`, `bytes_seen`. After `fit()` the model holds the weights it tested: those
-    of the best validation.
+    Attributes: `model` (the raw module, whose weights are saved), `run_dir`, `corpus`, and
+    `progress` (where the run stands: step, epoch, bytes, ...). After `fit()` the model holds the
+    weights it tested: those of the best validation.
 
     Under torchrun the process group is joined here and left to the caller to destroy.
     """
@@ -391,11 +391,8 @@ class Trainer:
             # State dataclass) need no scattering.
             self.forward_model = DistributedDataParallel(self.forward_model, device_ids=None)
 
-        self.step = self.epoch = self.cursor = self.bytes_seen = self.nonfinite_steps = 0
+        self.progress = Progress()
         self.carried: State | None = None
-        self.elapsed = self.train_seconds = 0.0  # wall-clock of the run, and of its steps alone
-        self.best_valid_bpb: float | None = None
-        self.best_step = 0
         self.time_up = False
         self._signal: int | None = None  # SIGINT or SIGTERM, once caught during fit()
         self._stop_agreed = False  # whether any process had caught one at the last step's all-reduce
@@ -543,21 +540,14 @@ class Trainer:
             state = State(rnn=[type(layer)(*(t.chunk(world)[rank] for t in layer)) for layer in state.rnn],
                           memory=[m.chunk(world)[rank] if m is not None else None for m in state.memory])
         self.carried = state
-        self.step, self.epoch, self.cursor = checkpoint["step"], checkpoint["epoch"], checkpoint["cursor"]
-        self.bytes_seen, self.nonfinite_steps = checkpoint["bytes"], checkpoint["nonfinite_steps"]
-        self.elapsed, self.train_seconds = checkpoint["elapsed"], checkpoint["train_seconds"]
-        self.best_valid_bpb, self.best_step = checkpoint["best_valid_bpb"], checkpoint["best_step"]
+        self.progress = Progress.from_dict(checkpoint)
 
     # ------------------------------------------------------------------------- checkpoints
 
     def _position(self) -> dict:
-        """Where the run stands between two steps: everything in a checkpoint but the state dicts."""
-        return {
-            "rng": rng_state(self.device), "data_rng": self.data_rng.get_state(), "cursor": self.cursor,
-            "epoch": self.epoch, "state": self.carried, "step": self.step, "bytes": self.bytes_seen,
-            "elapsed": self.elapsed, "train_seconds": self.train_seconds, "best_valid_bpb": self.best_valid_bpb,
-            "best_step": self.best_step, "nonfinite_steps": self.nonfinite_steps,
-        }
+        """Where the run stands between two steps (a copy): everything in a checkpoint but the state dicts."""
+        return {"rng": rng_state(self.device), "data_rng": self.data_rng.get_state(), "state": self.carried,
+                **self.progress.to_dict()}
 
     def _save(self, name: str, position: dict | None = None) -> None:
         """Save a checkpoint of `position` (default: now) as run_dir/name. Every process must call
@@ -586,7 +576,7 @@ class Trainer:
                     "world_size": self.dist.world_size,
                 }, self.run_dir / name)
             except CheckpointError as err:
-                failure = (f"{err}. Training stopped at step {self.step:,}; once the disk has room (or the "
+                failure = (f"{err}. Training stopped at step {self.progress.step:,}; once the disk has room (or the "
                            "folder lets us write), continue from the last checkpoint saved with "
                            f"--resume {self.run_dir}")
         if self.dist.enabled:  # the others stop too, rather than wait for rank 0 at the next step
@@ -601,12 +591,12 @@ class Trainer:
     def _train_step(self) -> dict:
         """One segment: forward, backward, clip, step. Returns the step's metrics."""
         config = self.config
-        if self.cursor >= self.train_data.size(1) - 1:  # end of the data: a new epoch starts cold
-            self.cursor, self.epoch, self.carried = 0, self.epoch + 1, None
+        if self.progress.cursor >= self.train_data.size(1) - 1:  # end of the data: a new epoch starts cold
+            self.progress.cursor, self.progress.epoch, self.carried = 0, self.progress.epoch + 1, None
         before = self._position()  # the last good state, should this step turn out non-finite
         start = time.perf_counter()
         length = segment_length(config.seq_len, config.variable_seq_len, self.data_rng)
-        inputs, targets = get_segment(self.train_data, self.cursor, length)  # [B / world, T]
+        inputs, targets = get_segment(self.train_data, self.progress.cursor, length)  # [B / world, T]
         with _autocast(self.device, self.amp_dtype):
             out = self.forward_model(inputs, state=self.carried, targets=targets)
         self.scaler.scale(out.loss).backward()  # DDP averages the gradients over processes here
@@ -614,8 +604,8 @@ class Trainer:
         grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), config.clip if config.clip > 0 else math.inf)
         # One collective per step: the summed losses and whether any process ran out of time or
         # caught a stop signal (all must stop at the same step, or the others would wait forever).
-        self.elapsed = time.perf_counter() - self._started
-        time_up = config.minutes is not None and self.elapsed >= 60 * config.minutes
+        self.progress.elapsed = time.perf_counter() - self._started
+        time_up = config.minutes is not None and self.progress.elapsed >= 60 * config.minutes
         flags = torch.tensor([float(time_up), float(self._signal is not None)], device=self.device)
         totals = all_reduce_sum(torch.cat([out.loss.detach().float().view(1), flags]), self.dist).tolist()
         loss, grad_norm = totals[0] / self.dist.world_size, grad_norm.item()
@@ -633,17 +623,17 @@ class Trainer:
             if config.on_nonfinite == "stop":
                 self._save("last.pt", before)
                 raise TrainingError(
-                    f"non-finite loss at step {self.step + 1} (loss {loss}, grad norm {grad_norm}); stopped. "
+                    f"non-finite loss at step {self.progress.step + 1} (loss {loss}, grad norm {grad_norm}); stopped. "
                     f"{self.run_dir / 'last.pt'} holds the state before it. Start a new run with a lower "
                     f"--lr or --clip, or resume with --resume {self.run_dir} --on-nonfinite skip")
-            self.nonfinite_steps += 1
+            self.progress.nonfinite_steps += 1
             self.carried = None  # the state may be poisoned too: restart it
-        self.cursor += inputs.size(1)
-        self.step += 1
-        self.bytes_seen += inputs.size(1) * config.batch_size
-        self.train_seconds += time.perf_counter() - start
+        self.progress.cursor += inputs.size(1)
+        self.progress.step += 1
+        self.progress.bytes += inputs.size(1) * config.batch_size
+        self.progress.train_seconds += time.perf_counter() - start
         self.time_up, self._stop_agreed = totals[1] > 0, totals[2] > 0
-        metrics = {"step": self.step, "time": round(self.elapsed, 3), "bytes": self.bytes_seen,
+        metrics = {"step": self.progress.step, "time": round(self.progress.elapsed, 3), "bytes": self.progress.bytes,
                    "loss": loss if finite else None, "bpb": loss / LN2 if finite else None, "lr": lr,
                    "grad_norm": grad_norm if math.isfinite(grad_norm) else None, "seq_len": inputs.size(1)}
         if not finite:
@@ -663,15 +653,15 @@ class Trainer:
         """Passes over the training data so far, with the current one's fraction: 2.5 is halfway
         through the third epoch."""
         last = self.train_data.size(1) - 1
-        return self.epoch + min(self.cursor, last) / last
+        return self.progress.epoch + min(self.progress.cursor, last) / last
 
     def _epoch_ended(self) -> bool:
         """Whether the last step read the end of the training data."""
-        return self.cursor >= self.train_data.size(1) - 1
+        return self.progress.cursor >= self.train_data.size(1) - 1
 
     def _done(self) -> bool:
         config = self.config
-        return (self.time_up or (config.steps is not None and self.step >= config.steps)
+        return (self.time_up or (config.steps is not None and self.progress.step >= config.steps)
                 or (config.epochs is not None and self.epochs_done >= config.epochs))
 
     def fit(self) -> dict:
@@ -721,36 +711,36 @@ class Trainer:
         if self.verbose and main:
             print(self._header())
         log = open(self.run_dir / "metrics.jsonl", "a") if main else None
-        bar = _Progress(self, disable=not (self.verbose and main))
-        bytes_before, seconds_before, valid_bpb = self.bytes_seen, self.train_seconds, None  # for this session's rate
+        bar = _ProgressBar(self, disable=not (self.verbose and main))
+        bytes_before, seconds_before, valid_bpb = self.progress.bytes, self.progress.train_seconds, None  # for this session's rate
         self.model.train()
-        self._started = time.perf_counter() - self.elapsed  # the clock goes on from a resumed run's time
+        self._started = time.perf_counter() - self.progress.elapsed  # the clock goes on from a resumed run's time
         self._catch_signals()
         try:
             while not self._done() and not self._stop_requested():
                 metrics = self._train_step()
-                if ((config.eval_interval and self.step % config.eval_interval == 0)
+                if ((config.eval_interval and self.progress.step % config.eval_interval == 0)
                         or (config.eval_each_epoch and self._epoch_ended()) or self._done()):
                     valid_bpb = metrics["valid_bpb"] = self._validate()
-                if config.save_interval and self.step % config.save_interval == 0 and not self._done():
+                if config.save_interval and self.progress.step % config.save_interval == 0 and not self._done():
                     self._save("last.pt")
                 if main:
                     log.write(json.dumps(metrics) + "\n")
                     log.flush()
                     if self.callback is not None:
                         self.callback(metrics)
-                rate = (self.bytes_seen - bytes_before) / max(self.train_seconds - seconds_before, 1e-9)
+                rate = (self.progress.bytes - bytes_before) / max(self.progress.train_seconds - seconds_before, 1e-9)
                 bar.update(self, _postfix(metrics, valid_bpb, rate))
         finally:
             bar.close()
             if log is not None:
                 log.close()
-        self.elapsed = time.perf_counter() - self._started
+        self.progress.elapsed = time.perf_counter() - self._started
         self._save("last.pt")
         self._restore_signals()  # a signal during the test interrupts it as usual: last.pt is saved
         if self._stop_requested():
             # Under torchrun a process may stop for another's signal: it reports SIGTERM, a job's usual stop.
-            raise TrainingInterrupted(self._signal or signal.SIGTERM, self.step, self.run_dir)
+            raise TrainingInterrupted(self._signal or signal.SIGTERM, self.progress.step, self.run_dir)
         if self._signal is not None:  # caught after the processes last agreed to go on: deliver it now
             signal.raise_signal(self._signal)
         summary = self._final_evaluation()
@@ -796,22 +786,22 @@ class Trainer:
         """Validation bpb now; a new best is saved as best.pt. A non-finite one is returned (and
         logged) as it is, and never becomes the best."""
         bpb = self._bpb(self.valid_data)
-        if math.isfinite(bpb) and (self.best_valid_bpb is None or bpb < self.best_valid_bpb):
-            self.best_valid_bpb, self.best_step = bpb, self.step
+        if math.isfinite(bpb) and (self.progress.best_valid_bpb is None or bpb < self.progress.best_valid_bpb):
+            self.progress.best_valid_bpb, self.progress.best_step = bpb, self.progress.step
             self._save("best.pt")
         return bpb
 
     def _final_evaluation(self) -> dict:
         """Test the best-validated weights (the reference's protocol) and build the summary."""
         config = self.config
-        tested_step = self.step
-        if self.best_valid_bpb is not None and self.best_step != self.step:
+        tested_step = self.progress.step
+        if self.progress.best_valid_bpb is not None and self.progress.best_step != self.progress.step:
             if self.dist.enabled:
                 dist.barrier()  # best.pt is written by rank 0
             load_weights(self.model, load_checkpoint(self.run_dir / "best.pt"))
-            tested_step = self.best_step
-        if config.final_bytes == config.eval_bytes and self.best_valid_bpb is not None:
-            valid_bpb = self.best_valid_bpb  # the same measurement of the same weights
+            tested_step = self.progress.best_step
+        if config.final_bytes == config.eval_bytes and self.progress.best_valid_bpb is not None:
+            valid_bpb = self.progress.best_valid_bpb  # the same measurement of the same weights
         else:
             valid_bpb = self._bpb(self._eval_rows(self.corpus.valid, config.final_bytes, config.eval_batch_size))
         test_bpb = self._bpb(self._eval_rows(self.corpus.test, config.final_bytes, config.test_batch_size))
@@ -822,13 +812,13 @@ class Trainer:
                     f"diverged, so there is no result to report ({self.run_dir} keeps the checkpoints). "
                     "Retrain with a lower --lr or --clip")
         summary = {
-            "model": config.model, "data": self.corpus.name, "params": self.n_params, "steps": self.step,
-            "bytes": self.bytes_seen, "seconds": round(self.elapsed, 3),
-            "bytes_per_second": self.bytes_seen / self.train_seconds if self.train_seconds else 0.0,
+            "model": config.model, "data": self.corpus.name, "params": self.n_params, "steps": self.progress.step,
+            "bytes": self.progress.bytes, "seconds": round(self.progress.elapsed, 3),
+            "bytes_per_second": self.progress.bytes / self.progress.train_seconds if self.progress.train_seconds else 0.0,
             "valid_bpb": valid_bpb, "test_bpb": test_bpb, "tested_step": tested_step,
             "valid_bytes": self.corpus.valid[: config.final_bytes].numel(),
             "test_bytes": self.corpus.test[: config.final_bytes].numel(),
-            "nonfinite_steps": self.nonfinite_steps, "run_dir": str(self.run_dir),
+            "nonfinite_steps": self.progress.nonfinite_steps, "run_dir": str(self.run_dir),
         }
         if self.dist.is_main:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -895,7 +885,7 @@ def _trim_log(path: Path, step: int) -> None:
         path.write_text("".join(kept))
 
 
-class _Progress:
+class _ProgressBar:
     """A run's progress bar, measured in what bounds the run: its time budget when it has one
     (the bar then ends when time is up, and shows the time left), else its steps, else its
     epochs. Bytes/s, bpb and the step go in the text after the bar."""
@@ -914,14 +904,14 @@ class _Progress:
                         bar_format="{percentage:3.0f}%|{bar}| {desc}")
 
     def _at(self, trainer: "Trainer") -> float:
-        position = {"time": trainer.elapsed, "step": trainer.step, "epoch": trainer.epochs_done}[self.measure]
+        position = {"time": trainer.progress.elapsed, "step": trainer.progress.step, "epoch": trainer.epochs_done}[self.measure]
         return min(position, self.total)
 
     def update(self, trainer: "Trainer", text: str) -> None:
         if self.measure == "time":
-            left = f"{format_duration(max(self.total - trainer.elapsed, 0))} left"
+            left = f"{format_duration(max(self.total - trainer.progress.elapsed, 0))} left"
         elif self.measure == "step":
-            left = f"step {trainer.step:,}/{self.total:,}"
+            left = f"step {trainer.progress.step:,}/{self.total:,}"
         else:
             left = f"epoch {trainer.epochs_done:.3f}/{self.total:g}"
         self.bar.set_description_str(f"{self.name} | {text} | {left}", refresh=False)

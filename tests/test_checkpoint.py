@@ -43,7 +43,7 @@ def test_resume_is_exact(tmp_path, model):
     Trainer(config(tmp_path, "straight", model=model, steps=12), MODEL, verbose=False).fit()
     Trainer(config(tmp_path, "split", model=model, steps=6), MODEL, verbose=False).fit()
     resumed = Trainer.resume(tmp_path / "split", steps=12, verbose=False)
-    assert resumed.step == 6 and resumed.carried is not None  # the carried state came back
+    assert resumed.progress.step == 6 and resumed.carried is not None  # the carried state came back
     resumed.fit()
     straight, split = losses(tmp_path / "straight"), losses(tmp_path / "split")
     assert len(split) == 12

@@ -24,11 +24,26 @@ def test_readme_quick_start_has_the_main_job_and_the_test_command():
     assert "pytest" in test and "tests" in test and "book" in test and "--nbmake" in test
 
 
+def ci_commands() -> list[str]:
+    """The lines of .ci/run, stripped, without blank lines and comments."""
+    lines = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
+    return [line for line in lines if line and not line.startswith("#")]
+
+
 def test_ci_runs_the_readme_test_command_verbatim():
     _, test = readme_commands()
-    test_part = test.split("&&")[-1].strip()  # CI installs torch's CPU wheel first, then the same
-    ci_lines = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
-    assert test_part in ci_lines, f".ci/run must run {test_part!r}"
+    install, test_part = (part.strip() for part in test.split("&&"))
+    assert install.startswith("pip install "), install
+    ci = ci_commands()
+    assert test_part in ci, f".ci/run must run {test_part!r}"
+    # ... after installing exactly as the README says (torch's CPU wheel first; `python -m pip`
+    # and -q allowed), into a new virtual environment that sees nothing of the machine's packages.
+    pattern = r"(python -m )?pip install (-q )?" + re.escape(install.removeprefix("pip install "))
+    installs = [i for i, line in enumerate(ci) if re.fullmatch(pattern, line)]
+    assert installs, f".ci/run must install with {install!r}"
+    venvs = [i for i, line in enumerate(ci) if " -m venv " in line]
+    assert venvs and venvs[0] < installs[0] < ci.index(test_part), "new venv, then the install, then the tests"
+    assert "--system-site-packages" not in "\n".join(ci)
 
 
 def test_chapter_one_quotes_the_readme_commands():

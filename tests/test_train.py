@@ -10,7 +10,7 @@ import torch
 from shaq.checkpoint import CheckpointError, load_checkpoint
 from shaq.device import autocast_dtype, pick_device
 from shaq.models import SHARNNConfig, build_model
-from shaq.train import LN2, TrainConfig, Trainer, TrainingError, _Progress, evaluate
+from shaq.train import LN2, TrainConfig, Trainer, TrainingError, _ProgressBar, evaluate
 
 
 def smoke(tmp_path, name="run", **overrides) -> TrainConfig:
@@ -28,7 +28,7 @@ def inject_nan(trainer: Trainer, at_step: int) -> None:
 
     def poisoned(*args, **kwargs):
         out = forward(*args, **kwargs)
-        if trainer.model.training and trainer.step + 1 == at_step:
+        if trainer.model.training and trainer.progress.step + 1 == at_step:
             out.loss = out.loss * float("nan")
         return out
 
@@ -204,12 +204,12 @@ def test_epochs_bound_a_run_and_each_epoch_end_is_validated(tmp_path):
     log = read_log(tmp_path / "run")
     assert len(log) == 32 and [m["seq_len"] for m in log[14:17]] == [32, 19, 32]
     assert [m["step"] for m in log if "valid_bpb" in m] == [16, 32]  # the two epoch ends
-    assert trainer.epochs_done == 2.0 and trainer.step == 32
+    assert trainer.epochs_done == 2.0 and trainer.progress.step == 32
 
     half = Trainer(smoke(tmp_path, "half", max_bytes=2000, epochs=0.5, steps=None, eval_interval=0),
                    SHARNNConfig.smoke(), verbose=False)
     half.fit()
-    assert half.step == 8 and 0.5 <= half.epochs_done < 0.6  # 8 x 32 = 256 of 499 columns
+    assert half.progress.step == 8 and 0.5 <= half.epochs_done < 0.6  # 8 x 32 = 256 of 499 columns
 
 
 def test_start_from_loads_weights_with_a_fresh_optimizer_and_records_where(tmp_path):
@@ -221,7 +221,7 @@ def test_start_from_loads_weights_with_a_fresh_optimizer_and_records_where(tmp_p
     # The weights are the checkpoint's; optimizer, schedule and counters start afresh.
     for name, tensor in second.model.state_dict().items():
         assert torch.equal(tensor, best["model"][name]), name
-    assert second.step == 0 and second.optimizer.state_dict()["state"] == {}
+    assert second.progress.step == 0 and second.optimizer.state_dict()["state"] == {}
     assert second.scheduler.last_epoch == 0
     assert (second.config.lr, second.config.epochs, second.config.seed) == (1e-3, 5, 125)
     assert second.config.batch_size == first.config.batch_size  # the rest is the first run's
@@ -247,9 +247,9 @@ def test_start_from_refuses_another_model(tmp_path):
 ])
 def test_progress_is_measured_in_what_bounds_the_run(tmp_path, bounds, measure, total):
     trainer = Trainer(smoke(tmp_path, **bounds), SHARNNConfig.smoke(), verbose=False)
-    progress = _Progress(trainer, disable=True)
+    progress = _ProgressBar(trainer, disable=True)
     assert (progress.measure, progress.bar.total) == (measure, total)
-    trainer.step, trainer.elapsed, trainer.cursor = 3, 30.0, 0
+    trainer.progress.step, trainer.progress.elapsed, trainer.progress.cursor = 3, 30.0, 0
     progress.update(trainer, "loss 1.000")
     text = progress.bar.desc
     assert {"time": "1 min 30 s left", "step": "step 3/7", "epoch": "epoch 0.000/3"}[measure] in text
