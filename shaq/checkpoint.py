@@ -46,7 +46,7 @@ import torch
 from torch import nn
 
 import shaq
-from shaq.models import LSTMState, QRNNState, SHARNNConfig, State, build_model
+from shaq.models import SHARNNConfig, State, build_model
 
 FORMAT = "shaq-checkpoint"
 # Bump when the layout above changes; loading refuses any other version instead of guessing.
@@ -322,31 +322,16 @@ def load_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> t
 # ----------------------------------------------------------------------------- carried state
 
 
-_LAYER_STATES = {kind.__name__: kind for kind in (LSTMState, QRNNState)}
-
-
 def state_to_dict(state: State | None) -> dict | None:
-    """A State as plain dicts of tensors, e.g. rnn [{"kind": "LSTMState", "h": .., "c": ..}].
-    Copies, because the tensors are often views of a larger one (the memory is the tail of
-    [memory; segment]) and torch.save would store all of it."""
-    if state is None:
-        return None
-    return {
-        "rnn": [{"kind": type(layer).__name__, **{k: t.clone() for k, t in layer._asdict().items()}}
-                for layer in state.rnn],
-        "memory": [m.clone() if m is not None else None for m in state.memory],
-    }
+    """A State as plain dicts of tensors (see State.to_dict). Copies, because the tensors are
+    often views of a larger one (the memory is the tail of [memory; segment]) and torch.save
+    would store all of it."""
+    return None if state is None else state.map(torch.clone).to_dict()
 
 
 def state_from_dict(saved: dict | None, device: torch.device) -> State | None:
     """The State that `state_to_dict` saved, on `device`."""
-    if saved is None:
-        return None
-    rnn = []
-    for layer in saved["rnn"]:
-        kind = _LAYER_STATES[layer["kind"]]
-        rnn.append(kind(**{name: layer[name].to(device) for name in kind._fields}))
-    return State(rnn=rnn, memory=[m.to(device) if m is not None else None for m in saved["memory"]])
+    return None if saved is None else State.from_dict(saved).map(lambda t: t.to(device))
 
 
 # ----------------------------------------------------------------------------- random numbers

@@ -19,17 +19,15 @@ and carry their recurrent states and attention memories in a `State` from segmen
 """
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from shaq.device import cpu_has_bf16
-from shaq.nn import QRNN, Boom, SingleHeadAttention
+from shaq.nn import LSTM, QRNN, Boom, Linear, LSTMState, QRNNState, SingleHeadAttention
 from shaq.nn.dropout import Dropout
-from shaq.nn.onednn import linear
 
 
 # ----------------------------------------------------------------------------- config
@@ -127,21 +125,6 @@ class SHARNNConfig:
 # ----------------------------------------------------------------------------- state
 
 
-class LSTMState(NamedTuple):
-    """An LSTM layer's carried state: h [B, H] and c [B, H]."""
-
-    h: torch.Tensor
-    c: torch.Tensor
-
-
-class QRNNState(NamedTuple):
-    """A QRNN layer's carried state: the cell c [B, H] and the last input x_prev [B, I]
-    (which a window-2 layer sees as x_{t-1} at the first step of the next segment)."""
-
-    c: torch.Tensor
-    x_prev: torch.Tensor
-
-
 @dataclass
 class State:
     """What a model carries from one segment to the next.
@@ -155,19 +138,27 @@ class State:
     rnn: list[LSTMState | QRNNState]
     memory: list[torch.Tensor | None] = field(default_factory=list)
 
-    @property
-    def batch_size(self) -> int:
-        return self.rnn[0][0].shape[0]
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "State":
+        """This state with `fn` applied to every tensor: a detach, a move, one process's rows, ..."""
+        return State(rnn=[type(layer)(*map(fn, layer)) for layer in self.rnn],
+                     memory=[None if m is None else fn(m) for m in self.memory])
+
+    def to_dict(self) -> dict:
+        """Plain dicts and lists of tensors, e.g. rnn [{"kind": "LSTMState", "h": .., "c": ..}]."""
+        return {"rnn": [{"kind": type(layer).__name__, **layer._asdict()} for layer in self.rnn],
+                "memory": list(self.memory)}
+
+    @classmethod
+    def from_dict(cls, saved: dict) -> "State":
+        """The State that `to_dict` gave."""
+        kinds = {kind.__name__: kind for kind in (LSTMState, QRNNState)}
+        rnn = [kinds[layer["kind"]](*(layer[name] for name in kinds[layer["kind"]]._fields)) for layer in saved["rnn"]]
+        return cls(rnn=rnn, memory=list(saved["memory"]))
 
 
 def detach(state: State | None) -> State | None:
     """Cut the autograd graph of a state (truncated backpropagation through time)."""
-    if state is None:
-        return None
-    return State(
-        rnn=[type(pair)(*(t.detach() for t in pair)) for pair in state.rnn],
-        memory=[m.detach() if m is not None else None for m in state.memory],
-    )
+    return None if state is None else state.map(torch.Tensor.detach)
 
 
 @dataclass
@@ -194,7 +185,7 @@ class SHABlock(nn.Module):
         self.config = config
         self.ln_start = nn.LayerNorm(d, eps=1e-12)
         if config.rnn == "lstm":
-            self.rnn = nn.LSTM(d, d, batch_first=True)
+            self.rnn = LSTM(d, d)
         else:
             self.rnn = QRNN(d, d, window=config.qrnn_window)
         self.drop = Dropout(config.dropout_hidden)
@@ -210,7 +201,7 @@ class SHABlock(nn.Module):
     def forward(self, x, rnn_state, memory, return_attention):
         """x [B, T, d] -> (y [B, T, d], new rnn_state, new memory [B, M', d] or None, weights or None)."""
         u = self.ln_start(x)
-        h, rnn_state = run_rnn(self.rnn, u, rnn_state)
+        h, rnn_state = self.rnn(u, rnn_state)
         h = self.drop(h)
         weights = None
         if self.attention is not None:
@@ -231,46 +222,6 @@ class SHABlock(nn.Module):
             memory = kv[:, -self.config.memory_len:] if self.config.memory_len > 0 else kv[:, :0]
         h = self.ln_ff(h) + self.drop(self.boom(self.ln_xff(h)))
         return h, rnn_state, memory, weights
-
-
-# nn.LSTM under CPU bf16 autocast against float32 (oneDNN, forward+backward, B=16, T=256, 2
-# cores of an AMD CPU with AVX512-BF16, side by side): bf16 is faster up to H=512 and falls off
-# beyond it, where float32 wins. Wider LSTMs therefore stay in float32 there (the matmuls
-# around them still run in bf16). Other CPUs may put the cliff elsewhere.
-CPU_BF16_LSTM_MAX_HIDDEN = 512
-
-
-def _widen(t: torch.Tensor) -> torch.Tensor:
-    """Half-precision tensors as float32; float32 and float64 unchanged."""
-    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
-
-
-def _lstm_in_float32(rnn: nn.LSTM, x: torch.Tensor) -> bool:
-    """Whether this LSTM leaves CPU bf16 autocast: when it is wide (see the constant) or when the
-    CPU has no bf16 instructions, where oneDNN has no bf16 LSTM at all."""
-    return (x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
-            and (rnn.hidden_size > CPU_BF16_LSTM_MAX_HIDDEN or not cpu_has_bf16()))
-
-
-def run_rnn(rnn: nn.Module, x: torch.Tensor, state: tuple | None) -> tuple[torch.Tensor, tuple]:
-    """Run an LSTM or QRNN layer over x [B, T, I] with the batch-first state convention of `State`.
-
-    Carried states come back in float32 under autocast (float64 stays float64), so that a state
-    carried over many segments is not rounded to 8 bits at every boundary.
-    """
-    if isinstance(rnn, nn.LSTM):
-        # The state in x's dtype: autocast then casts x, state and weights alike.
-        hc = None if state is None else tuple(t.unsqueeze(0).to(x.dtype).contiguous() for t in state)
-        if _lstm_in_float32(rnn, x):
-            with torch.autocast("cpu", enabled=False):
-                hc = None if hc is None else tuple(t.float() for t in hc)
-                out, (h, c) = rnn(x.float(), hc)
-        else:
-            out, (h, c) = rnn(x, hc)
-        return out, LSTMState(_widen(h[0]), _widen(c[0]))
-    c0, x_prev = (None, None) if state is None else state
-    out, c_last = rnn(x, c0, x_prev)
-    return out, QRNNState(c_last, _widen(x[:, -1]))
 
 
 # ----------------------------------------------------------------------------- models
@@ -356,7 +307,7 @@ class _ByteLM(nn.Module):
 
     def logits_and_loss(self, h: torch.Tensor, targets: torch.Tensor | None):
         """Tied softmax: logits = h E^T + b. Loss in float32, mean nats per byte."""
-        logits = linear(self.drop_output(h), self.embedding.weight, self.decoder_bias)  # [B, T, 256]
+        logits = Linear.functional(self.drop_output(h), self.embedding.weight, self.decoder_bias)  # [B, T, 256]
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().flatten(0, 1), targets.long().flatten())
@@ -414,7 +365,7 @@ class LSTMLM(_ByteLM):
     def __init__(self, config: SHARNNConfig):
         super().__init__(replace(config, rnn="lstm"))
         d = config.d_model
-        self.layers = nn.ModuleList(nn.LSTM(d, d, batch_first=True) for _ in range(config.n_layers))
+        self.layers = nn.ModuleList(LSTM(d, d) for _ in range(config.n_layers))
         self.drop = Dropout(config.dropout_hidden)
         self.init_weights()
 
@@ -433,7 +384,7 @@ class LSTMLM(_ByteLM):
         h = self.drop_input(self.embedding(x))
         rnn_states = []
         for i, lstm in enumerate(self.layers):
-            h, rnn_state = run_rnn(lstm, h, state.rnn[i] if state is not None else None)
+            h, rnn_state = lstm(h, state.rnn[i] if state is not None else None)
             if i < len(self.layers) - 1:
                 h = self.drop(h)
             rnn_states.append(rnn_state)

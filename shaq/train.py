@@ -537,8 +537,7 @@ class Trainer:
         state = state_from_dict(checkpoint["state"], self.device)
         if state is not None:  # saved for the global batch: take this process's rows
             world, rank = self.dist.world_size, self.dist.rank
-            state = State(rnn=[type(layer)(*(t.chunk(world)[rank] for t in layer)) for layer in state.rnn],
-                          memory=[m.chunk(world)[rank] if m is not None else None for m in state.memory])
+            state = state.map(lambda t: t.chunk(world)[rank])
         self.carried = state
         self.progress = Progress.from_dict(checkpoint)
 
@@ -847,8 +846,7 @@ def _gather_state(state: State | None, world_size: int) -> State | None:
         dist.all_gather(parts, t.contiguous())
         return torch.cat(parts)
 
-    return State(rnn=[type(layer)(*map(gather, layer)) for layer in state.rnn],
-                 memory=[gather(m) if m is not None else None for m in state.memory])
+    return state.map(gather)
 
 
 def _refuse_existing_run(path: Path, checkpoint: dict | None) -> None:

@@ -9,14 +9,10 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-import shaq.nn.onednn as onednn
-from shaq.bench import (
-    CpuMonitor,
-    PeakMemory,
-    ReferenceStyleSHARNN,
-    main,
-    model_flops_per_byte,
-)
+import shaq.nn.switches as switches
+from shaq.bench import SECTIONS, CpuMonitor, PeakMemory, ReferenceStyleSHARNN, format_section, main
+from shaq.bench.report import FORMATTERS
+from shaq.flops import model_flops_per_byte, train_flops_per_byte
 from shaq.models import SHAQ, SHARNN, SHARNNConfig
 
 
@@ -91,21 +87,30 @@ def test_flop_count_matches_a_hand_count():
     keys = 6 + (1 + 2 + 3 + 4) / 4  # every query sees the 6 memory positions and 1..4 of its own
     attention = 2 * 8 * 8 + 2 * (2 * 8 * keys)  # query projection, scores, weighted sum: 400
     softmax = 2 * 8 * 256  # 4096
-    assert model_flops_per_byte(config, seq_len=4, memory=6) == 2 * (lstm + boom) + attention + softmax == 7312
+    expected = 2 * (lstm + boom) + attention + softmax
+    assert model_flops_per_byte(config, seq_len=4, memory=6) == expected == 7312
     qrnn2 = 2 * (2 * 8) * (3 * 8)  # window 2: [x_t; x_{t-1}] to z, f, o: 768
-    shaq = SHARNNConfig(d_model=8, n_layers=2, boom_expansion=3, attention_layers=(0,), rnn="qrnn", qrnn_window=2)
+    shaq = SHARNNConfig(d_model=8, n_layers=2, boom_expansion=3, attention_layers=(0,), rnn="qrnn",
+                        qrnn_window=2)
     assert model_flops_per_byte(shaq, seq_len=4, memory=6) == 2 * (qrnn2 + boom) + attention + softmax
 
 
 def test_flop_count_agrees_with_torch_flop_counter(monkeypatch):
     """Forward + backward = 3x the forward's matmul FLOPs, as PyTorch itself counts them."""
-    monkeypatch.setattr(onednn, "use_onednn", False)  # the counter knows aten's matmuls only
+    monkeypatch.setattr(switches, "use_onednn", False)  # the counter knows aten's matmuls only
     config = SHARNNConfig.smoke(attention_layers=(), rnn="qrnn", qrnn_window=2)
     model = SHAQ(config)
     x = torch.randint(0, 256, (2, 8))
     with FlopCounterMode(display=False) as counter:
         model(x, targets=x).loss.backward()
     assert counter.get_total_flops() == 3 * model_flops_per_byte(config, seq_len=8, memory=0) * 2 * 8
+    assert train_flops_per_byte(config, seq_len=8, memory=0) == 3 * model_flops_per_byte(config, 8, 0)
+
+
+def test_every_section_has_a_formatter():
+    assert set(FORMATTERS) == {"matmul_peak", *SECTIONS, "compile", "profile"}
+    with pytest.raises(ValueError, match="no table"):
+        format_section("nonsense", {})
 
 
 def test_cpu_monitor_and_peak_memory_measure_something():

@@ -1,11 +1,13 @@
-"""The CPU fast paths compute what the plain torch ops compute: oneDNN matmuls and dropout."""
+"""The CPU fast paths compute what the plain torch ops compute: oneDNN matmuls, dropout, the
+attention core, and the LSTM's precision under CPU autocast."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import shaq.nn.onednn as onednn
-from shaq.nn.attention import _ExplicitAttention
+from shaq.nn import switches
+from shaq.nn.attention_core import _ExplicitAttention
 from shaq.nn.dropout import Dropout, bernoulli_mask, dropout
 
 
@@ -47,9 +49,23 @@ def test_onednn_falls_back_to_torch_off_the_fast_path(monkeypatch):
     assert torch.equal(onednn.linear(x, w), F.linear(x, w))  # float64
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert onednn.linear(x.float(), w.float()).dtype == torch.bfloat16  # autocast's own op
-    monkeypatch.setattr(onednn, "use_onednn", False)
+    monkeypatch.setattr(switches, "use_onednn", False)
     xf, wf = x.float().requires_grad_(), w.float()
     assert type(onednn.linear(xf, wf).grad_fn).__name__ != "_LinearBackward"
+
+
+def test_linear_is_a_drop_in_for_nn_linear():
+    """Same parameters, state_dict keys, repr and function as torch.nn.Linear."""
+    torch.manual_seed(0)
+    plain = torch.nn.Linear(5, 3)
+    layer = onednn.Linear(5, 3)
+    layer.load_state_dict(plain.state_dict())  # strict: the same keys
+    assert list(layer.state_dict()) == ["weight", "bias"] and repr(layer) == repr(plain)
+    assert isinstance(layer, torch.nn.Linear)
+    x = torch.randn(4, 2, 5)
+    assert torch.allclose(layer(x), plain(x), atol=1e-6)
+    if onednn.onednn_available():
+        assert type(layer(x.requires_grad_()).grad_fn).__name__ == "_LinearBackward"
 
 
 def test_dropout_mask_has_the_right_rate_and_is_reproducible():
@@ -140,27 +156,26 @@ def test_attention_trains_under_bf16_autocast():
 
 
 def test_wide_lstm_stays_float32_under_cpu_bf16_autocast(monkeypatch):
-    """LSTMs wider than CPU_BF16_LSTM_MAX_HIDDEN run in float32 under CPU autocast, computing
-    what they compute without autocast (from the bf16-rounded inputs), state included;
-    narrower ones are left to autocast where the CPU has bf16 instructions (oneDNN has no bf16
-    LSTM without them)."""
-    import shaq.models
+    """LSTMs wider than switches.cpu_bf16_lstm_max_hidden run in float32 under CPU autocast,
+    computing what they compute without autocast (from the bf16-rounded inputs), state
+    included; narrower ones are left to autocast where the CPU has bf16 instructions (oneDNN
+    has no bf16 LSTM without them)."""
     from shaq.device import cpu_has_bf16
-    from shaq.models import run_rnn
+    from shaq.nn import LSTM, LSTMState
 
     torch.manual_seed(0)
-    narrow = torch.nn.LSTM(8, 8, batch_first=True)
+    narrow = LSTM(8, 8)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        narrow_dtype = run_rnn(narrow, torch.randn(2, 5, 8), None)[0].dtype
+        narrow_dtype = narrow(torch.randn(2, 5, 8))[0].dtype
     assert narrow_dtype == (torch.bfloat16 if cpu_has_bf16() else torch.float32)
-    monkeypatch.setattr(shaq.models, "CPU_BF16_LSTM_MAX_HIDDEN", 4)
-    lstm = torch.nn.LSTM(8, 8, batch_first=True)
+    monkeypatch.setattr(switches, "cpu_bf16_lstm_max_hidden", 4)
+    lstm = LSTM(8, 8)
     x = torch.randn(2, 5, 8)
-    state = (torch.randn(2, 8), torch.randn(2, 8))
-    want, want_state = run_rnn(lstm, x, state)
+    state = LSTMState(torch.randn(2, 8), torch.randn(2, 8))
+    want, want_state = lstm(x, state)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        got, got_state = run_rnn(lstm, x.bfloat16(), tuple(s.bfloat16() for s in state))
+        got, got_state = lstm(x.bfloat16(), LSTMState(*(s.bfloat16() for s in state)))
     assert got.dtype == torch.float32
-    torch.testing.assert_close(got, run_rnn(lstm, x.bfloat16().float(), tuple(s.bfloat16().float() for s in state))[0])
+    torch.testing.assert_close(got, lstm(x.bfloat16().float(), LSTMState(*(s.bfloat16().float() for s in state)))[0])
     assert torch.allclose(got, want, atol=2e-2) and all(s.dtype == torch.float32 for s in got_state)
     assert torch.allclose(got_state[1], want_state[1], atol=2e-2)

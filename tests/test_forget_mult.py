@@ -6,6 +6,8 @@ import importlib
 import pytest
 import torch
 
+from shaq.nn import switches
+
 # The module, not the function that shaq.nn re-exports under the same name.
 fm = importlib.import_module("shaq.nn.forget_mult")
 
@@ -16,15 +18,14 @@ def impl(request, monkeypatch) -> str:
     time step (the CPU's) and the chunked scan (what CUDA and MPS use)."""
     probe = torch.zeros(1)
     if request.param == "ext":
-        if not fm.use_extension:
+        if not switches.use_extension:
             pytest.skip("extension disabled (SHAQ_NO_EXT=1)")
         if fm._load_extension() is None:
             pytest.skip("C++ extension unavailable (see the warning)")
-        monkeypatch.setattr(fm, "use_extension", True)
         assert fm._extension_for(probe) is not None
     else:
-        monkeypatch.setattr(fm, "use_extension", False)
-        monkeypatch.setattr(fm, "scan_mode", request.param)
+        monkeypatch.setattr(switches, "use_extension", False)
+        monkeypatch.setattr(switches, "scan_mode", request.param)
         assert fm._extension_for(probe) is None and fm._chunked(probe) == (request.param == "chunked")
     return request.param
 
@@ -95,8 +96,8 @@ def test_linear_scan_matches_a_loop(T):
 
 
 def test_unknown_scan_mode_is_an_error(monkeypatch):
-    monkeypatch.setattr(fm, "use_extension", False)
-    monkeypatch.setattr(fm, "scan_mode", "fast")
+    monkeypatch.setattr(switches, "use_extension", False)
+    monkeypatch.setattr(switches, "scan_mode", "fast")
     with pytest.raises(ValueError, match="scan_mode"):
         fm.forget_mult(torch.rand(1, 3, 2), torch.randn(1, 3, 2))
 

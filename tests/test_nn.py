@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from shaq.nn import QRNN, Boom, SingleHeadAttention, forget_mult_reference, gelu
+from shaq.nn import QRNN, Boom, QRNNState, SingleHeadAttention, forget_mult_reference, gelu
 
 
 def test_gelu_is_the_sigmoid_approximation():
@@ -14,6 +14,14 @@ def test_gelu_is_the_sigmoid_approximation():
     assert torch.allclose(gelu(x), x * torch.sigmoid(1.702 * x))
     # Close to, but not the same as, the erf form.
     assert (gelu(x) - nn.functional.gelu(x)).abs().max() > 1e-3
+
+
+def test_gelu_gradient_is_the_formulas():
+    x = torch.linspace(-6, 6, 241, dtype=torch.float64, requires_grad=True)
+    (grad,) = torch.autograd.grad(gelu(x).sum(), x)
+    x_ref = x.detach().clone().requires_grad_()
+    (x_ref * torch.sigmoid(1.702 * x_ref)).sum().backward()
+    assert torch.allclose(grad, x_ref.grad)
 
 
 def test_boom_sums_chunks_instead_of_projecting_down():
@@ -127,13 +135,14 @@ def test_qrnn_matches_its_equations_and_streams(window):
     layer = QRNN(6, 10, window=window)
     x = torch.randn(3, 9, 6)
     c0 = torch.randn(3, 10)
-    h, c_last = layer(x, c0)
+    h, (c_last, x_last) = layer(x, QRNNState(c0, None))
     h_ref, c_ref = qrnn_by_hand(layer, x, c0)
     assert h.shape == (3, 9, 10) and c_last.shape == (3, 10)
     assert torch.allclose(h, h_ref, atol=1e-5) and torch.allclose(c_last, c_ref, atol=1e-5)
-    # Two segments with the carried cell (and, for window 2, the previous input) equal one call.
-    h1, c1 = layer(x[:, :4], c0)
-    h2, c2 = layer(x[:, 4:], c1, x_prev=x[:, 3])
+    assert torch.equal(x_last, x[:, -1])
+    # Two segments with the carried state (the cell and the last input) equal one call.
+    h1, state = layer(x[:, :4], QRNNState(c0, None))
+    h2, (c2, _) = layer(x[:, 4:], state)
     assert torch.allclose(torch.cat([h1, h2], 1), h, atol=1e-5)
     assert torch.allclose(c2, c_last, atol=1e-5)
 
@@ -142,7 +151,7 @@ def test_qrnn_f_pooling_returns_the_cell():
     torch.manual_seed(0)
     layer = QRNN(4, 5, output_gate=False)
     x = torch.randn(2, 3, 4)
-    h, c_last = layer(x)
+    h, (c_last, _) = layer(x)
     z, f = layer.gates(x).chunk(2, -1)
     assert torch.allclose(h, forget_mult_reference(torch.sigmoid(f), torch.tanh(z)), atol=1e-6)
     assert torch.equal(h[:, -1], c_last)

@@ -4,23 +4,19 @@ Off the CPU the QRNN pooling runs on torch ops (no C++ extension) with the chunk
 tests run that path on the CPU with bf16 inputs, so CI checks what a GPU run would compute.
 """
 
-import sys
-
 import pytest
 import torch
 
-import shaq.nn.forget_mult  # noqa: F401  (the module, not the function of the same name)
 from shaq.models import SHAQ, SHARNN, SHARNNConfig
+from shaq.nn import switches
 from shaq.nn.forget_mult import qrnn_pool, qrnn_pool_reference
-
-forget_mult_module = sys.modules["shaq.nn.forget_mult"]
 
 
 @pytest.fixture
 def gpu_path(monkeypatch):
     """The QRNN pooling as it runs on a GPU: torch ops and the chunked scan."""
-    monkeypatch.setattr(forget_mult_module, "use_extension", False)
-    monkeypatch.setattr(forget_mult_module, "scan_mode", "chunked")
+    monkeypatch.setattr(switches, "use_extension", False)
+    monkeypatch.setattr(switches, "scan_mode", "chunked")
 
 
 def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:

@@ -1,8 +1,12 @@
 """The building blocks of SHA-RNN and SHAQ."""
 
+from shaq.nn.activation import gelu
 from shaq.nn.attention import Overparam, SingleHeadAttention
-from shaq.nn.boom import Boom, gelu
+from shaq.nn.boom import Boom
 from shaq.nn.forget_mult import forget_mult, forget_mult_reference, qrnn_pool, qrnn_pool_reference
-from shaq.nn.qrnn import QRNN
+from shaq.nn.lstm import LSTM, LSTMState
+from shaq.nn.onednn import Linear
+from shaq.nn.qrnn import QRNN, QRNNState
 
-__all__ = ["Boom", "Overparam", "QRNN", "SingleHeadAttention", "forget_mult", "forget_mult_reference", "gelu", "qrnn_pool", "qrnn_pool_reference"]
+__all__ = ["LSTM", "QRNN", "Boom", "LSTMState", "Linear", "Overparam", "QRNNState", "SingleHeadAttention",
+           "forget_mult", "forget_mult_reference", "gelu", "qrnn_pool", "qrnn_pool_reference"]

@@ -8,22 +8,11 @@ Built step by step in the book's chapter "Boom".
 """
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from shaq.nn.activation import gelu
 from shaq.nn.dropout import Dropout
-from shaq.nn.onednn import linear
-
-_GELU_SCALE = 1.702
-
-
-def gelu(x: torch.Tensor) -> torch.Tensor:
-    """The sigmoid approximation GELU(x) = x * sigmoid(1.702 x) used by SHA-RNN.
-
-    Not the erf or tanh form of `torch.nn.functional.gelu`: the published bits per byte
-    were obtained with this one, so we keep it.
-    """
-    return x * torch.sigmoid(_GELU_SCALE * x)
+from shaq.nn.onednn import Linear
 
 
 class Boom(nn.Module):
@@ -46,19 +35,12 @@ class Boom(nn.Module):
         self.d_model = d_model
         self.expansion = expansion
         self.shortcut = shortcut
-        self.up = nn.Linear(d_model, expansion * d_model)
+        self.up = Linear(d_model, expansion * d_model)
         self.dropout = Dropout(dropout)
-        self.down = None if shortcut else nn.Linear(expansion * d_model, d_model)
+        self.down = None if shortcut else Linear(expansion * d_model, d_model)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # gelu(y) = y * sigmoid(1.702 y) = silu(1.702 y) / 1.702. So run the matmul with the
-        # weights scaled by 1.702 (a [N*d, d] product instead of one over [B, T, N*d]),
-        # apply silu (one fused op forward and backward, where x * sigmoid(1.702 x) takes
-        # three and keeps more tensors for the backward) and divide by 1.702 after the
-        # chunks are summed, on a tensor N times smaller. Dropout commutes with the constant.
-        u = F.silu(linear(x, self.up.weight * _GELU_SCALE, self.up.bias * _GELU_SCALE))  # [B, T, N*d]
-        u = self.dropout(u)
+        u = self.dropout(gelu(self.up(x)))  # [B, T, N*d]
         if self.down is not None:
-            return self.down(u / _GELU_SCALE)
-        # [B, T, N*d] -> [B, T, N, d] -> sum over the N chunks -> [B, T, d]
-        return u.unflatten(-1, (self.expansion, self.d_model)).sum(dim=-2) / _GELU_SCALE
+            return self.down(u)
+        return u.unflatten(-1, (self.expansion, self.d_model)).sum(dim=-2)  # [B, T, N, d] -> [B, T, d]

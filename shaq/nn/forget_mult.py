@@ -25,16 +25,16 @@ Implementations. A naive autograd loop records a few graph nodes per time step a
 backward walks them all; the fast paths instead run the forward as one tight loop into a
 preallocated output and the backward as one reverse loop over r. On CPU the default is a
 small C++ extension (shaq/nn/csrc/forget_mult.cpp) that runs both loops over all (batch,
-hidden) chains in parallel, vectorised over hidden units. It is compiled on first use (about
-30 s on 2 cores, then cached by torch in ~/.cache/torch_extensions), not at `pip install`:
+hidden) chains in parallel, vectorised over hidden units. It is compiled on first use (once,
+then cached by torch in ~/.cache/torch_extensions), not at `pip install`:
 building there needs torch inside pip's isolated build environment, where a plain `torch`
 build requirement downloads a multi-GB CUDA wheel and may not match the torch that imports
 the extension, and Colab's `pip install git+URL` would pay that too. Without a compiler, if
-the build fails, with SHAQ_NO_EXT=1, with `use_extension = False`, or for tensors not on the
-CPU, the same Function runs on torch ops: on the CPU one op per time step, elsewhere (CUDA,
-MPS) `linear_scan`, a chunked scan that needs about 2 sqrt(T) steps instead of T, since there
-every op is a kernel launch (see `scan_mode`). The chunked scan is tested on the CPU against
-the loop; its speed on a GPU has not been measured yet.
+the build fails, with `shaq.nn.switches.use_extension` off (SHAQ_NO_EXT=1), or for tensors
+not on the CPU, the same Function runs on torch ops: on the CPU one op per time step,
+elsewhere (CUDA, MPS) `linear_scan`, a chunked scan that needs about 2 sqrt(T) steps instead
+of T, since there every op is a kernel launch (see `shaq.nn.switches.scan_mode`). The chunked
+scan is tested on the CPU against the loop; its speed on a GPU has not been measured yet.
 
 Dtypes: float32 and float64 are computed as given. bf16/fp16 inputs are computed in float32
 on every path (a long product of f's in half precision loses the state quickly, and a bf16
@@ -43,7 +43,6 @@ except qrnn_pool's carried cell, which stays float32.
 """
 
 import math
-import os
 import warnings
 from functools import cache
 from pathlib import Path
@@ -53,8 +52,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-# Module-level switch for the C++ extension; tests flip it to exercise the fallback.
-use_extension: bool = os.environ.get("SHAQ_NO_EXT", "0") != "1"
+from shaq.nn import switches
 
 _CSRC = Path(__file__).parent / "csrc"
 
@@ -90,24 +88,17 @@ def _load_extension() -> Optional[ModuleType]:
 
 def _extension_for(x: Tensor) -> Optional[ModuleType]:
     """The compiled kernels if they apply to tensors like x, else None (use the torch loop)."""
-    if not use_extension or x.device.type != "cpu":
+    if not switches.use_extension or x.device.type != "cpu":
         return None
     return _load_extension()
 
 
-# How the torch path (no C++ extension) runs the recurrence: "steps" is one op per time step,
-# "chunked" is linear_scan's ~2 sqrt(T) steps of bulk ops, "auto" picks chunked off the CPU,
-# where every op is a kernel launch, and steps on it, where the chunked scan's extra memory
-# traffic made it 1.04-2.5x slower at training shapes (forward+backward, B=16, T=256-1024,
-# H=256-1024, 2 cores; it was 1.4x faster only at a toy shape, B=4, T=64, H=64).
-# Tests set it to exercise both.
-scan_mode: str = "auto"
-
-
 def _chunked(x: Tensor) -> bool:
-    if scan_mode not in ("auto", "steps", "chunked"):
-        raise ValueError(f"shaq.nn.forget_mult.scan_mode must be 'auto', 'steps' or 'chunked', not {scan_mode!r}")
-    return scan_mode == "chunked" or (scan_mode == "auto" and x.device.type != "cpu")
+    """Whether the torch path runs linear_scan's chunked scan (else one op per time step)."""
+    mode = switches.scan_mode
+    if mode not in ("auto", "steps", "chunked"):
+        raise ValueError(f"shaq.nn.switches.scan_mode must be 'auto', 'steps' or 'chunked', not {mode!r}")
+    return mode == "chunked" or (mode == "auto" and x.device.type != "cpu")
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -1,32 +1,30 @@
-"""Float32 matmuls on oneDNN on CPUs, where they run about twice as fast as through MKL.
+"""Float32 matmuls on oneDNN on CPUs, and `Linear`, a drop-in nn.Linear that uses them.
 
-PyTorch hands float32 matmuls on x86 CPUs to MKL. On AMD CPUs MKL keeps to its AVX2 code
-path: on the 2-core AMD EPYC this project is developed on, a 4096^2 float32 matmul reaches
-about 180 GFLOP/s through MKL and about 380 GFLOP/s through oneDNN, which PyTorch ships as
-well (it already runs nn.LSTM and bfloat16 matmuls). PyTorch sends float32 matmuls to oneDNN
-only when it may lower their precision (`torch.backends.mkldnn` fp32_precision "bf16" or
-"tf32"), which would change the model's numerics. The functions here call oneDNN's float32
-matmul directly, forward and backward: the same float32 arithmetic in another summation
-order (results differ by a few 1e-7 relative, as between any two BLAS libraries).
+PyTorch hands float32 matmuls on x86 CPUs to MKL, which on AMD CPUs keeps to its AVX2 code
+path; oneDNN, which PyTorch ships as well (it already runs nn.LSTM and bfloat16 matmuls), was
+measured much faster there (README, Speed). PyTorch sends float32 matmuls to oneDNN only when
+it may lower their precision (`torch.backends.mkldnn` fp32_precision "bf16" or "tf32"), which
+would change the model's numerics. The functions here call oneDNN's float32 matmul directly,
+forward and backward: the same float32 arithmetic in another summation order (results differ
+by a few 1e-7 relative, as between any two BLAS libraries).
 
-    linear(x, weight, bias)   like torch.nn.functional.linear, differentiable
+    Linear(in, out)           torch.nn.Linear (same parameters, state_dict and repr) on oneDNN
+    linear(x, weight, bias)   like torch.nn.functional.linear, differentiable; `Linear.functional`
     mm(a, b)                  like a @ b for matrices, for hand-written backwards
 
-They serve the QRNN, Boom, attention and softmax matmuls. Anything else (CUDA, float64,
-autocast, torch.compile, a PyTorch without the oneDNN op) goes to the ordinary torch function, and
-`use_onednn = False` turns the oneDNN path off for comparison. linear's backward is written
-by hand and is not itself differentiable (no double backward), which no training loop here
-needs.
+Anything else (CUDA, float64, autocast, torch.compile, a PyTorch without the oneDNN op) goes to
+the ordinary torch function, and `shaq.nn.switches.use_onednn` turns the oneDNN path off.
+linear's backward is written by hand and is not itself differentiable (no double backward),
+which no training loop here needs.
 """
 
 from functools import cache
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
-# Module-level switch, like forget_mult.use_extension; the benchmark flips it to compare.
-use_onednn: bool = True
+from shaq.nn import switches
 
 
 def _mm(a: Tensor, b_t: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -45,26 +43,22 @@ def onednn_available() -> bool:
         if not torch.backends.mkldnn.is_available():
             return False
         torch.is_autocast_enabled("cpu")  # the per-device form used below (PyTorch >= 2.4)
-        a, b = torch.randn(5, 3, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64)
+        # Its own generator: the first call comes in a model's first forward, and drawing from the
+        # global one there would shift the dropout masks of the first run in a process only.
+        probe = torch.Generator().manual_seed(0)
+        a, b = (torch.randn(n, 3, dtype=torch.float64, generator=probe) for n in (5, 4))
         return torch.allclose(_mm(a.float(), b.float()).double(), a @ b.T, atol=1e-5)
     except (AttributeError, RuntimeError, TypeError):
         return False
 
 
-def compiling() -> bool:
-    """Whether torch.compile is tracing: its graphs must use torch's own ops (inductor lowers
-    oneDNN's linear only for frozen inference weights, and cannot trace thread pools)."""
-    is_compiling = getattr(torch.compiler, "is_compiling", None)  # PyTorch >= 2.3
-    return bool(is_compiling and is_compiling())
-
-
 def _use_onednn(*tensors: Tensor | None) -> bool:
     return (
-        use_onednn
+        switches.use_onednn
         and all(t is None or (t.device.type == "cpu" and t.dtype == torch.float32) for t in tensors)
         and onednn_available()
         and not torch.is_autocast_enabled("cpu")
-        and not compiling()
+        and not switches.compiling()
     )
 
 
@@ -105,3 +99,14 @@ def mm(a: Tensor, b: Tensor) -> Tensor:
     if a.numel() > 0 and b.numel() > 0 and _use_onednn(a, b):
         return _mm(a, b.t())
     return a @ b
+
+
+class Linear(nn.Linear):
+    """`torch.nn.Linear` whose float32 CPU matmuls run on oneDNN (same arguments, parameters,
+    state_dict and repr), as `shaq.nn.dropout.Dropout` is a drop-in for nn.Dropout."""
+
+    # For a matrix that is not a Linear's own, such as a tied softmax's embedding.
+    functional = staticmethod(linear)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return linear(x, self.weight, self.bias)

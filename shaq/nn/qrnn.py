@@ -1,20 +1,30 @@
 """The quasi-recurrent layer (Bradbury, Merity, Xiong and Socher, 2016).
 
-All the matrix work of a QRNN happens in one Linear over every time step at once: it maps
-the input at t (and, with window 2, the input at t-1) to a candidate z_t, a forget gate f_t
-and an output gate o_t. The only sequential part is elementwise ("fo-pooling"):
+One Linear over all time steps maps x_t (and, with window 2, x_{t-1}) to a candidate z_t and
+gates f_t, o_t; only an elementwise recurrence ("fo-pooling") runs step by step:
 
     c_t = f_t * c_{t-1} + (1 - f_t) * z_t        h_t = o_t * c_t
 
-so, unlike an LSTM, no matmul waits on the previous step. Built step by step in the book's
-chapter "QRNN".
+Built step by step in the book's chapter "QRNN".
 """
+
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from shaq.nn.forget_mult import qrnn_pool
-from shaq.nn.onednn import linear
+from shaq.nn.onednn import Linear
+
+
+class QRNNState(NamedTuple):
+    """What a QRNN layer carries to the next segment: the last cell c [B, H] and the last
+    input x_prev [B, I] (a window-2 layer's x_{t-1} at the next segment's first step).
+    Either may be None: zeros. Passed in and out rather than kept in the module, so that one
+    module can serve several streams and a checkpoint holds it with the rest of the state."""
+
+    c: torch.Tensor | None
+    x_prev: torch.Tensor | None
 
 
 class QRNN(nn.Module):
@@ -23,11 +33,10 @@ class QRNN(nn.Module):
     Args:
         input_size: width I of the input.
         hidden_size: width H of the cell and the output.
-        window: 1 (gates see x_t) or 2 (gates see x_{t-1} and x_t, a width-2 causal convolution).
+        window: 1 (gates see x_t) or 2 (gates see [x_t; x_{t-1}], a causal convolution).
         output_gate: multiply the cell by o_t (fo-pooling); False returns the cell (f-pooling).
 
-    The gate convention is the paper's: f close to 1 keeps the old cell. (pytorch-qrnn's
-    kernel uses the flipped convention, f close to 1 takes the new candidate.)
+    f close to 1 keeps the old cell, as in the paper (pytorch-qrnn's kernel flips this).
     """
 
     def __init__(self, input_size: int, hidden_size: int, window: int = 1, output_gate: bool = True):
@@ -38,31 +47,19 @@ class QRNN(nn.Module):
         self.hidden_size = hidden_size
         self.window = window
         self.output_gate = output_gate
-        n_gates = 3 if output_gate else 2
-        self.gates = nn.Linear(window * input_size, n_gates * hidden_size)
+        self.gates = Linear(window * input_size, (3 if output_gate else 2) * hidden_size)
 
-    def forward(
-        self, x: torch.Tensor, c0: torch.Tensor | None = None, x_prev: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Run the layer over a segment.
-
-        Args:
-            x: [B, T, I] input.
-            c0: [B, H] cell carried from the previous segment, or None for zeros.
-            x_prev: [B, I] last input of the previous segment (window 2 only), or None for
-                zeros. It is passed explicitly, not kept inside the module, so one module can
-                serve several streams and a checkpoint captures it with the rest of the state.
-
-        Returns:
-            h [B, T, H] and the last cell c_last [B, H] (the state to carry: the cell, not h).
-        """
+    def forward(self, x: torch.Tensor, state: QRNNState | None = None) -> tuple[torch.Tensor, QRNNState]:
+        """x [B, T, I] and the previous segment's state (None: zeros) -> h [B, T, H] and the
+        state to carry. The carried cell and input are float32 under autocast, so that a state
+        carried over many segments is not rounded to 8 bits at every boundary."""
+        c0, x_prev = (None, None) if state is None else state
+        x_last = x[:, -1] if x.dtype in (torch.float32, torch.float64) else x[:, -1].float()
         if self.window == 2:
             if x_prev is None:
                 x_prev = x.new_zeros(x.shape[0], x.shape[2])
-            shifted = torch.cat([x_prev.unsqueeze(1).to(x.dtype), x[:, :-1]], dim=1)  # x_{t-1}: [B, T, I]
+            shifted = torch.cat([x_prev.unsqueeze(1).to(x.dtype), x[:, :-1]], dim=1)  # x_{t-1}
             x = torch.cat([x, shifted], dim=-1)  # [B, T, 2I]
-        # One matmul for all gates of all time steps: this is where the FLOPs are.
-        gates = linear(x, self.gates.weight, self.gates.bias)  # [B, T, n_gates * H] as (z, f, o)
-        # tanh/sigmoid, the forget-mult and the output gate in one pass over time (and one
-        # backward pass) instead of five elementwise ops, each reading and writing [B, T, H].
-        return qrnn_pool(gates, c0, self.output_gate)
+        gates = self.gates(x)  # [B, T, n_gates * H] as (z, f, o), every time step at once
+        h, c_last = qrnn_pool(gates, c0, self.output_gate)  # nonlinearities, recurrence, o_t * c_t
+        return h, QRNNState(c_last, x_last)

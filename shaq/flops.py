@@ -1,0 +1,51 @@
+"""The FLOP model of `shaq.models.SHARNNConfig`: matmul FLOPs per byte of text.
+
+A model's FLOP count follows from its config alone, so it lives next to the config rather
+than in the code that times the model: the benchmark (`shaq.bench`) divides it by measured
+time to get model FLOP utilisation (MFU), and its tests check it against PyTorch's own
+FLOP counter.
+"""
+
+from shaq.models import SHARNNConfig
+
+# Forward + backward costs three forwards: the backward of each matmul computes two products
+# of the forward's size, one for the input's gradient and one for the weight's.
+TRAIN_OVER_FORWARD = 3
+
+
+def model_flops_per_byte(config: SHARNNConfig, seq_len: int, memory: int) -> float:
+    """Matmul FLOPs of one *forward* pass per byte of text (a training step costs 3x this).
+
+    With d = d_model, N = boom_expansion, V = vocab_size, T = seq_len, M = memory positions
+    each query sees besides its own segment, a multiply-add counted as 2 FLOPs:
+
+        recurrent layer, per block:  LSTM 2 * (d * 4d + d * 4d) = 16 d^2   (input + recurrent)
+                                     QRNN 2 * (w * d) * 3d      = 6 w d^2  (window w; z, f, o)
+        Boom, per block:             2 * d * N d                (+ 2 * N d * d without the shortcut)
+        attention, per attention:    2 d^2 (query)  +  2 * 2 d * K  (scores and weighted sum)
+                                     with K = M + (T + 1) / 2 keys visible on average (causal)
+        tied softmax:                2 * d * V
+
+    Forward + backward = 3x forward: the backward of each matmul computes two products of
+    the same size, one for the input's gradient and one for the weight's (or, inside the
+    attention, for the keys' and values'). Not counted: elementwise work, LayerNorm, the
+    embedding lookup, the Overparam gate (per step, not per byte), the optimizer.
+    """
+    d, N = config.d_model, config.boom_expansion
+    if config.rnn == "lstm":
+        recurrent = 16 * d * d
+    else:
+        recurrent = 6 * config.qrnn_window * d * d
+    boom = 2 * d * N * d + (0 if config.boom_shortcut else 2 * N * d * d)
+    keys = memory + (seq_len + 1) / 2
+    attention = 2 * d * d + 4 * d * keys
+    return (
+        config.n_layers * (recurrent + boom)
+        + len(config.attention_blocks) * attention
+        + 2 * d * config.vocab_size
+    )
+
+
+def train_flops_per_byte(config: SHARNNConfig, seq_len: int, memory: int) -> float:
+    """Matmul FLOPs of one forward + backward per byte of text: 3x `model_flops_per_byte`."""
+    return TRAIN_OVER_FORWARD * model_flops_per_byte(config, seq_len, memory)
