@@ -84,11 +84,12 @@ def _preset_values(cls: type, name: str) -> str:
     return values[0] if len(set(values)) == 1 else " / ".join(values)
 
 
-def _add_config_options(parser: argparse.ArgumentParser, cls: type, title: str, aliases: dict) -> None:
+def _add_config_options(parser: argparse.ArgumentParser, cls: type, title: str, aliases: dict,
+                        skip: tuple[str, ...] = ()) -> None:
     """One option per field of `cls`, e.g. --d-model for d_model; absent from the namespace when not given."""
     group = parser.add_argument_group(title, "(value in the smoke / cpu / paper presets)")
     hints = typing.get_type_hints(cls)
-    for f in fields(cls):
+    for f in (f for f in fields(cls) if f.name not in skip):
         kind, optional = _field_type(hints[f.name])
         flags = [f"--{f.name.replace('_', '-')}"] + aliases.get(f.name, [])
         shown = _preset_values(cls, f.name)
@@ -101,7 +102,8 @@ def _add_config_options(parser: argparse.ArgumentParser, cls: type, title: str, 
                                metavar=metavar, help=f"{shown}{'; none allowed' if optional else ''}")
 
 
-MODEL_FIELDS = [f.name for f in fields(SHARNNConfig)]
+# `rnn` is no option: --model picks the model and with it the recurrent layer.
+MODEL_FIELDS = [f.name for f in fields(SHARNNConfig) if f.name != "rnn"]
 TRAIN_FIELDS = [f.name for f in fields(TrainConfig)]
 # One option namespace for both configs: a field name in both would be ambiguous.
 assert not set(MODEL_FIELDS) & set(TRAIN_FIELDS)
@@ -127,7 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="smoke (seconds), cpu (10 minutes on a CPU, the default) or paper (the reference)")
     train.add_argument("--resume", metavar="DIR", default=None,
                        help="continue the run in DIR from its last.pt (only --steps, --minutes and such may change)")
-    _add_config_options(train, SHARNNConfig, "model (SHARNNConfig)", {})
+    _add_config_options(train, SHARNNConfig, "model (SHARNNConfig)", {}, skip=("rnn",))
+    train.add_argument("--rnn", default=None, help=argparse.SUPPRESS)  # to say what to do instead
     _add_config_options(train, TrainConfig, "training (TrainConfig)", {"out_dir": ["--out"]})
     train.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     train.set_defaults(handler=_train)
@@ -159,6 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _train(args: argparse.Namespace) -> int:
     given = vars(args)
+    if args.rnn is not None:
+        _fail(f"--rnn {args.rnn} is not an option: --model picks the model and with it the recurrent layer "
+              "(sharnn: LSTM, shaq: QRNN, lstm: LSTM); for QRNNs use --model shaq")
     model_overrides = {name: given[name] for name in MODEL_FIELDS if name in given}
     train_overrides = {name: given[name] for name in TRAIN_FIELDS if name in given}
     try:

@@ -51,7 +51,7 @@ class SHARNNConfig:
     dropout_input: float = 0.1  # on the embeddings (the reference's `dropouti`)
     dropout_hidden: float = 0.1  # inside every block (`dropouth`)
     dropout_output: float = 0.1  # before the tied softmax (`dropout`)
-    rnn: str = "lstm"  # "lstm" (SHA-RNN) or "qrnn" (SHAQ)
+    rnn: str = "lstm"  # filled in by the model (SHARNN, LSTMLM: "lstm"; SHAQ: "qrnn"), never chosen apart
     qrnn_window: int = 1
     overparam: bool = True  # over-parameterised value gate in the attention
     boom_shortcut: bool = True  # Boom sums its chunks instead of a second Linear
@@ -317,7 +317,10 @@ class _ByteLM(nn.Module):
 class SHARNN(_ByteLM):
     """SHA-RNN (Merity, 2019): blocks of [LSTM, optional single-head attention, Boom]."""
 
+    name = "sharnn"
+
     def __init__(self, config: SHARNNConfig):
+        check_model_choice(self.name, config)
         super().__init__(config)
         attention = set(config.attention_blocks)
         self.blocks = nn.ModuleList(SHABlock(config, i in attention) for i in range(config.n_layers))
@@ -352,6 +355,8 @@ class SHARNN(_ByteLM):
 class SHAQ(SHARNN):
     """SHAQ (Bharwani et al., 2021): SHA-RNN with a QRNN in place of every LSTM."""
 
+    name = "shaq"
+
     def __init__(self, config: SHARNNConfig):
         super().__init__(replace(config, rnn="qrnn"))
 
@@ -362,8 +367,11 @@ class LSTMLM(_ByteLM):
     Uses d_model as the hidden width and dropout_hidden between layers; no attention, no Boom.
     """
 
+    name = "lstm"
+
     def __init__(self, config: SHARNNConfig):
-        super().__init__(replace(config, rnn="lstm"))
+        check_model_choice(self.name, config)
+        super().__init__(config)
         d = config.d_model
         self.layers = nn.ModuleList(LSTM(d, d) for _ in range(config.n_layers))
         self.drop = Dropout(config.dropout_hidden)
@@ -393,6 +401,18 @@ class LSTMLM(_ByteLM):
 
 
 MODELS = {"sharnn": SHARNN, "shaq": SHAQ, "lstm": LSTMLM}
+# The recurrent layer is the model's choice: the name picks the model, and with it this.
+RNN_OF_MODEL = {"sharnn": "lstm", "shaq": "qrnn", "lstm": "lstm"}
+
+
+def check_model_choice(name: str, config: SHARNNConfig) -> None:
+    """Raise ValueError if `config.rnn` contradicts the model `name` picks (SHAQ fills in its
+    own "qrnn" over the default "lstm"; a SHA-RNN or LSTM asked for QRNNs is a mistake)."""
+    if name == "shaq" or config.rnn == RNN_OF_MODEL[name]:
+        return
+    raise ValueError(
+        f"model {name!r} has {RNN_OF_MODEL[name].upper()} layers but the config asks for rnn={config.rnn!r}: the "
+        "model's name picks its recurrent layer (sharnn: LSTM, shaq: QRNN, lstm: LSTM); for QRNNs use 'shaq'")
 
 
 def build_model(name: str, config: SHARNNConfig) -> nn.Module:

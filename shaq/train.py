@@ -51,7 +51,7 @@ from shaq.checkpoint import (
 )
 from shaq.data import Corpus, DataError, batchify, get_segment, load_enwik8, load_standin, segment_length
 from shaq.device import DEVICES, Distributed, all_reduce_sum, autocast_dtype, init_distributed
-from shaq.models import MODELS, SHARNNConfig, State, build_model, detach
+from shaq.models import MODELS, SHARNNConfig, State, build_model, check_model_choice, detach
 from shaq.optim import LAMB
 from shaq.runlock import RunLock, check_not_locked
 
@@ -337,6 +337,7 @@ class Trainer:
         _source: dict | None = None,
     ):
         self.callback, self.verbose = callback, verbose
+        check_model_choice(config.model, model_config)  # before any work
         self.dist, self.device = init_distributed(config.device)
         world = self.dist.world_size
         if config.batch_size % world:

@@ -51,6 +51,8 @@ def test_train_eval_generate_resume(tmp_path, capsysbinary):
     (["train", "--preset", "huge"], "invalid choice: 'huge'"),
     (["train", "--model", "gru"], "model must be one of ['lstm', 'shaq', 'sharnn']"),
     (["train", "--memory-len", "-1"], "memory_len must be >= 0"),
+    (["train", "--model", "sharnn", "--rnn", "qrnn"], "--model picks the model and with it the recurrent layer"),
+    (["train", "--model", "shaq", "--rnn", "lstm"], "for QRNNs use --model shaq"),
     (["train", "--steps", "many"], "invalid int value: 'many'"),
     (["train", "--resume", "somewhere", "--preset", "smoke"], "drop --preset"),
     (["train", "--resume", "nowhere"], "no checkpoint at nowhere"),

@@ -256,3 +256,13 @@ def test_gradients_reach_every_parameter():
         model(x, targets=x).loss.backward()
         missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
         assert not missing, missing
+
+
+@pytest.mark.parametrize("model_class", [SHARNN, LSTMLM])
+def test_the_model_picks_its_recurrent_layer(model_class):
+    """One setting picks the model: an LSTM model asked for QRNNs is an error, not a SHAQ in
+    disguise; SHAQ fills in its own QRNNs."""
+    with pytest.raises(ValueError, match="for QRNNs use 'shaq'"):
+        model_class(SHARNNConfig(**TINY, rnn="qrnn"))
+    assert SHAQ(SHARNNConfig(**TINY)).config.rnn == "qrnn"
+    assert build_model(model_class.name, SHARNNConfig(**TINY)).config.rnn == "lstm"

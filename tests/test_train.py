@@ -254,3 +254,9 @@ def test_progress_is_measured_in_what_bounds_the_run(tmp_path, bounds, measure, 
     text = progress.bar.desc
     assert {"time": "1 min 30 s left", "step": "step 3/7", "epoch": "epoch 0.000/3"}[measure] in text
     assert progress._at(trainer) == {"time": 30.0, "step": 3, "epoch": 0.0}[measure]
+
+
+def test_a_contradictory_model_choice_stops_before_any_work(tmp_path):
+    with pytest.raises(ValueError, match="model 'sharnn' has LSTM layers but the config asks for rnn='qrnn'"):
+        Trainer(smoke(tmp_path, model="sharnn"), SHARNNConfig.smoke(rnn="qrnn"), verbose=False)
+    assert not (tmp_path / "run").exists()
