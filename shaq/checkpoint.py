@@ -148,10 +148,8 @@ def _hash_while_syncing(file: BinaryIO, name: str) -> str:
     one waits for fsync to put the bytes on disk.
 
     The hash reads the bytes back from the page cache and the wait is for the disk, so the two
-    overlap even on a busy CPU: hashing the bytes in line, as torch.save wrote them, added 10 to
-    60% to a paper-size save (646 MB) on a busy 2-core machine. With the zip's CRC-32s left out
-    (_without_zip_crcs), a save with its SHA-256 took 1.7-2.1 s there, against 2.2-2.4 s for a
-    save in format 1.
+    overlap even on a busy CPU; hashing in line, as torch.save writes, was measured slower at
+    paper size (README, "The command line").
     """
     size = file.tell()
 
