@@ -103,7 +103,8 @@ def _add_config_options(parser: argparse.ArgumentParser, cls: type, title: str, 
 
 
 # `rnn` is no option: --model picks the model and with it the recurrent layer.
-MODEL_FIELDS = [f.name for f in fields(SHARNNConfig) if f.name != "rnn"]
+NOT_OPTIONS = ("rnn",)
+MODEL_FIELDS = [f.name for f in fields(SHARNNConfig) if f.name not in NOT_OPTIONS]
 TRAIN_FIELDS = [f.name for f in fields(TrainConfig)]
 # One option namespace for both configs: a field name in both would be ambiguous.
 assert not set(MODEL_FIELDS) & set(TRAIN_FIELDS)
@@ -129,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="smoke (seconds), cpu (10 minutes on a CPU, the default) or paper (the reference)")
     train.add_argument("--resume", metavar="DIR", default=None,
                        help="continue the run in DIR from its last.pt (only --steps, --minutes and such may change)")
-    _add_config_options(train, SHARNNConfig, "model (SHARNNConfig)", {}, skip=("rnn",))
+    _add_config_options(train, SHARNNConfig, "model (SHARNNConfig)", {}, skip=NOT_OPTIONS)
     train.add_argument("--rnn", default=None, help=argparse.SUPPRESS)  # to say what to do instead
     _add_config_options(train, TrainConfig, "training (TrainConfig)", {"out_dir": ["--out"]})
     train.add_argument("--quiet", action="store_true", help="no progress bar or summary")

@@ -1,4 +1,4 @@
-"""A GPU check, ready to run: one command, about four minutes on one CUDA GPU, one table.
+"""A GPU check, ready to run: one command, budgeted for about four minutes on one CUDA GPU, one table.
 
     python -m shaq.gpu_check                     # paper shapes on the GPU; smoke shapes without one
     python -m shaq.gpu_check --quick             # smoke shapes on whatever device is there

@@ -13,7 +13,8 @@ that the chapter's last cell completes with ``level.finish()``. Three run levels
     full   hours on a GPU; enwik8
 
 ``SHAQ_RUN=smoke|demo|full`` picks one; without it the level is ``demo`` on any machine (``full``
-means hours of GPU time, so it is only ever asked for, never chosen by the hardware). ``SHAQ_DEVICE`` (``cpu``, ``cuda``, ``cuda:1``, ``mps``) overrides the device,
+means hours of GPU time, so it is only ever asked for, never chosen by the hardware).
+``SHAQ_DEVICE`` (``cpu``, ``cuda``, ``cuda:1``, ``mps``) overrides the device,
 ``SHAQ_THREADS`` the number of CPU threads and ``SHAQ_DATA`` the folder that holds enwik8.
 Chapters choose their sizes with ``level.pick(smoke=..., demo=..., full=...)`` and their data
 with ``level.load_corpus()``.
@@ -316,14 +317,14 @@ class RunLevel:
 # The yardstick for what the full level costs until a GPU of this project has been measured: the
 # SHA-RNN paper's one epoch of enwik8 (90,000,000 training bytes) in 1,800 s on one Titan V
 # (Merity 2019, quoted by its author in sha-rnn issue #3), for its 54M-parameter model.
-PAPER_GPU = "one Titan V"
-PAPER_BYTES_PER_SECOND = 90_000_000 / 1800
 ENWIK8_TRAIN_BYTES = 90_000_000
+PAPER_GPU = "one Titan V"
+PAPER_BYTES_PER_SECOND = ENWIK8_TRAIN_BYTES / 1800
 
 
 def full_cost(config: TrainConfig | None = None, *, train_bytes: int | None = None, runs: int = 1) -> str:
     """One line on what training `config` (or `train_bytes` bytes) costs on a GPU at the speed of
-    the paper's SHA-RNN: an upper bound for the smaller models of the chapters.
+    the paper's SHA-RNN (the chapters' smaller models would train faster).
 
     A run bounded by minutes costs at most those minutes; one bounded by steps or epochs costs
     its bytes at that speed; the first bound to come counts. `runs` such runs cost `runs` times it.

@@ -439,11 +439,7 @@ class Trainer:
             raise CheckpointError(
                 "a resumed run keeps its model and training settings (only "
                 f"{', '.join(sorted(RESUMABLE))} may change); differs: " + "; ".join(problems))
-        try:
-            config = TrainConfig(**{**saved, **overrides, "out_dir": str(file.parent)})
-            model_config = SHARNNConfig(**checkpoint["model_config"])
-        except TypeError as err:
-            raise CheckpointError(f"{file} holds settings this shaq does not know: {err}") from err
+        config, model_config = _saved_configs(file, checkpoint, {**saved, **overrides, "out_dir": str(file.parent)})
         return cls(config, model_config, callback=callback, verbose=verbose, _checkpoint=checkpoint)
 
     @classmethod
@@ -465,11 +461,7 @@ class Trainer:
         file = find_checkpoint(path)
         source = load_checkpoint(file)
         saved = {**LEGACY_TRAIN_FIELDS, **source["train_config"], "out_dir": None}
-        try:
-            config = TrainConfig(**{**saved, **overrides, "init_from": str(file)})
-            model_config = SHARNNConfig(**source["model_config"])
-        except TypeError as err:
-            raise CheckpointError(f"{file} holds settings this shaq does not know: {err}") from err
+        config, model_config = _saved_configs(file, source, {**saved, **overrides, "init_from": str(file)})
         return cls(config, model_config, callback=callback, verbose=verbose, _source=source)
 
     # ------------------------------------------------------------------------- setup helpers
@@ -591,7 +583,7 @@ class Trainer:
     def _train_step(self) -> dict:
         """One segment: forward, backward, clip, step. Returns the step's metrics."""
         config = self.config
-        if self.progress.cursor >= self.train_data.size(1) - 1:  # end of the data: a new epoch starts cold
+        if self._epoch_ended():  # the last step read the end of the data: a new epoch starts cold
             self.progress.cursor, self.progress.epoch, self.carried = 0, self.progress.epoch + 1, None
         before = self._position()  # the last good state, should this step turn out non-finite
         start = time.perf_counter()
@@ -855,6 +847,15 @@ def _refuse_existing_run(path: Path, checkpoint: dict | None) -> None:
     if checkpoint is None and (path / "last.pt").exists():
         raise ValueError(
             f"{path} already holds a run: continue it with --resume {path} or choose another --out")
+
+
+def _saved_configs(file: Path, checkpoint: dict, train: dict) -> tuple[TrainConfig, SHARNNConfig]:
+    """The TrainConfig of the settings `train` and the checkpoint's model config; a field this
+    shaq does not know (a checkpoint from another version) is a CheckpointError naming `file`."""
+    try:
+        return TrainConfig(**train), SHARNNConfig(**checkpoint["model_config"])
+    except TypeError as err:
+        raise CheckpointError(f"{file} holds settings this shaq does not know: {err}") from err
 
 
 def _recorded_start(run_dir: Path) -> dict | None:
