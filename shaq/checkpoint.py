@@ -5,7 +5,7 @@ numbers and strings, so `torch.load(weights_only=True)` reads it and loading nev
 pickled code. Its keys:
 
     format, format_version, shaq_version    what wrote it (checked on load)
-    model_name, model_config, train_config  the run's definition (SHARNNConfig / TrainConfig dicts)
+    model_name, model_config, train_config  the run's definition (the configs as dicts)
     model, optimizer, scheduler, scaler     state dicts
     rng, data_rng                           RNG states: per process (python, torch, device) and
                                             the generator that draws variable segment lengths
@@ -46,7 +46,8 @@ import torch
 from torch import nn
 
 import shaq
-from shaq.models import SHARNNConfig, State, build_model
+from shaq.byte_lm import ModelConfig, State
+from shaq.models import build_model, config_from_dict, model_class
 
 FORMAT = "shaq-checkpoint"
 # Bump when the layout above changes; loading refuses any other version instead of guessing.
@@ -57,9 +58,11 @@ UNCHECKED_VERSION = 1
 _TRAILER_MARK = b"\nshaq-checkpoint sha256 "
 _TRAILER_SIZE = len(_TRAILER_MARK) + 64 + 1  # marker, hex digest, newline
 
+
 @dataclass
 class Progress:
-    """Where a run stands between two steps: the counters a checkpoint saves and a resume restores."""
+    """Where a run stands between two steps: the counters a checkpoint saves and a resume
+    restores."""
 
     step: int = 0
     epoch: int = 0
@@ -79,8 +82,20 @@ class Progress:
         return cls(**{f.name: saved[f.name] for f in fields(cls)})
 
 
-KEYS = ("model_name", "model_config", "train_config", "model", "optimizer", "scheduler", "scaler", "rng",
-        "data_rng", "state", "world_size", *(f.name for f in fields(Progress)))
+KEYS = (
+    "model_name",
+    "model_config",
+    "train_config",
+    "model",
+    "optimizer",
+    "scheduler",
+    "scaler",
+    "rng",
+    "data_rng",
+    "state",
+    "world_size",
+    *(f.name for f in fields(Progress)),
+)
 
 
 class CheckpointError(RuntimeError):
@@ -88,14 +103,19 @@ class CheckpointError(RuntimeError):
 
 
 def save_checkpoint(payload: dict, path: str | os.PathLike) -> None:
-    """Write `payload` (the keys above, minus the format ones, which are added) to `path` atomically,
-    with its checksum.
+    """Write `payload` (the keys above, minus the format ones, which are added) to `path`
+    atomically, with its checksum.
 
     Raises CheckpointError naming `path` and the system's error when the file cannot be written
     (a full disk, no permission); the previous file at `path` is then untouched.
     """
     path = Path(path)
-    payload = {"format": FORMAT, "format_version": FORMAT_VERSION, "shaq_version": shaq.__version__, **payload}
+    payload = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "shaq_version": shaq.__version__,
+        **payload,
+    }
     try:
         # Same folder as the target: os.replace is only atomic within one filesystem.
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -122,8 +142,9 @@ def save_checkpoint(payload: dict, path: str | os.PathLike) -> None:
 
 def _write_error(path: Path, err: OSError) -> CheckpointError:
     return CheckpointError(
-        f"cannot write the checkpoint {path}: {err}. The previous {path.name} there, if any, is untouched; "
-        "free disk space or fix the folder's permissions, then save again")
+        f"cannot write the checkpoint {path}: {err}. The previous {path.name} there, if any, is "
+        "untouched; free disk space or fix the folder's permissions, then save again"
+    )
 
 
 @contextlib.contextmanager
@@ -154,7 +175,9 @@ def _hash_while_syncing(file: BinaryIO, name: str) -> str:
     size = file.tell()
 
     def hash_file() -> str:
-        with open(name, "rb") as reader:  # its own position: `file` stays at the end for the trailer
+        with open(
+            name, "rb"
+        ) as reader:  # its own position: `file` stays at the end for the trailer
             return _sha256(reader, size)
 
     with ThreadPoolExecutor(max_workers=1) as pool:
@@ -164,7 +187,8 @@ def _hash_while_syncing(file: BinaryIO, name: str) -> str:
 
 
 def _fsync_folder(folder: Path) -> None:
-    """Make a rename in `folder` durable. Windows cannot open folders; its rename is durable enough."""
+    """Make a rename in `folder` durable. Windows cannot open folders; its rename is durable
+    enough."""
     if os.name != "posix":
         return
     fd = os.open(folder, os.O_RDONLY)
@@ -187,14 +211,17 @@ def find_checkpoint(path: str | os.PathLike, prefer: str = "best.pt") -> Path:
         for name in (prefer, "last.pt" if prefer == "best.pt" else "best.pt"):
             if (path / name).is_file():
                 return path / name
-        raise CheckpointError(f"{path} holds no best.pt or last.pt; is it a run folder of `python -m shaq train`?")
+        raise CheckpointError(
+            f"{path} holds no best.pt or last.pt; is it a run folder of `python -m shaq train`?"
+        )
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}")
     return path
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
-    """Read, verify and check a checkpoint (tensors on the CPU). Raises CheckpointError naming what is wrong.
+    """Read, verify and check a checkpoint (tensors on the CPU). Raises CheckpointError naming
+    what is wrong.
 
     The checksum is verified before anything is unpickled. A format 1 file, which has none,
     loads with a warning.
@@ -202,15 +229,17 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     path = find_checkpoint(path)
     try:
         # One open file for the check and the load: a save that replaces the file in between
-        # (a run writing best.pt while it is evaluated) cannot pair one file's checksum with another's bytes.
+        # (a run writing best.pt while it is evaluated) cannot pair one file's checksum with
+        # another's bytes.
         with open(path, "rb") as file:
             trailer = _read_trailer(file)
             if trailer is not None:
                 digest, size = trailer
                 if _sha256(file, size) != digest:
                     raise CheckpointError(
-                        f"{path} is damaged (checksum mismatch): its bytes are not those that were saved, "
-                        f"whether a disk, a copy or an upload changed them; {_instead(path)}")
+                        f"{path} is damaged (checksum mismatch): its bytes are not those that were "
+                        f"saved, whether a disk, a copy or an upload changed them; {_instead(path)}"
+                    )
             file.seek(0)
             checkpoint = torch.load(file, map_location="cpu", weights_only=True)
     except CheckpointError:
@@ -219,24 +248,29 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(
             f"{path} cannot be read ({first_line}): it is truncated or damaged, or holds more than "
-            f"tensors and plain data; {_instead(path)}") from err
+            f"tensors and plain data; {_instead(path)}"
+        ) from err
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a shaq checkpoint (no '{FORMAT}' marker)")
     version = checkpoint.get("format_version")
     if version not in (FORMAT_VERSION, UNCHECKED_VERSION):
         raise CheckpointError(
-            f"{path} has checkpoint format {version} (written by shaq {checkpoint.get('shaq_version', '?')}); "
-            f"this shaq {shaq.__version__} reads only formats {UNCHECKED_VERSION} and {FORMAT_VERSION}: "
-            "use the shaq version that wrote it")
+            f"{path} has checkpoint format {version} (written by shaq "
+            f"{checkpoint.get('shaq_version', '?')}); this shaq {shaq.__version__} reads only "
+            f"formats {UNCHECKED_VERSION} and {FORMAT_VERSION}: use the shaq version that wrote it"
+        )
     if trailer is None and version != UNCHECKED_VERSION:
         raise CheckpointError(
-            f"{path} is damaged: the checksum that ends a format {version} file is missing or garbled; "
-            f"{_instead(path)}")
+            f"{path} is damaged: the checksum that ends a format {version} file is missing or "
+            f"garbled; {_instead(path)}"
+        )
     if trailer is None:
         warnings.warn(
             f"{path} has no checksum (checkpoint format {version}, from shaq "
-            f"{checkpoint.get('shaq_version', '?')}), so damage to it cannot be detected; a run resumed "
-            "from it saves checksummed checkpoints", stacklevel=2)
+            f"{checkpoint.get('shaq_version', '?')}), so damage to it cannot be detected; a run "
+            "resumed from it saves checksummed checkpoints",
+            stacklevel=2,
+        )
     missing = [key for key in KEYS if key not in checkpoint]
     if missing:
         raise CheckpointError(f"{path} is incomplete: it lacks {', '.join(missing)}")
@@ -244,15 +278,19 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
 
 
 def _read_trailer(file: BinaryIO) -> tuple[str, int] | None:
-    """(hex digest, size of the bytes it covers) from the trailer of an open checkpoint; None without one."""
+    """(hex digest, size of the bytes it covers) from the trailer of an open checkpoint; None
+    without one."""
     size = os.fstat(file.fileno()).st_size
     if size <= _TRAILER_SIZE:
         return None
     file.seek(size - _TRAILER_SIZE)
     trailer = file.read(_TRAILER_SIZE)
-    digest = trailer[len(_TRAILER_MARK):-1]
-    if (not trailer.startswith(_TRAILER_MARK) or not trailer.endswith(b"\n")
-            or not all(c in b"0123456789abcdef" for c in digest)):
+    digest = trailer[len(_TRAILER_MARK) : -1]
+    if (
+        not trailer.startswith(_TRAILER_MARK)
+        or not trailer.endswith(b"\n")
+        or not all(c in b"0123456789abcdef" for c in digest)
+    ):
         return None
     return digest.decode(), size - _TRAILER_SIZE
 
@@ -271,21 +309,33 @@ def _sha256(file: BinaryIO, size: int) -> str:
 
 
 def _instead(path: Path) -> str:
-    """What to use instead of the unreadable checkpoint `path`: the run's other one when it exists."""
+    """What to use instead of the unreadable checkpoint `path`: the run's other one when it
+    exists."""
     other = {"best.pt": "last.pt", "last.pt": "best.pt"}.get(path.name)
     if other is not None and (path.parent / other).is_file():
         return f"try the run's other checkpoint, {path.parent / other}, or retrain"
     return "use a good copy of it or the run's other checkpoint (best.pt / last.pt), or retrain"
 
 
-def check_model(checkpoint: dict, model_name: str, model_config: SHARNNConfig) -> None:
+def saved_model_config(checkpoint: dict) -> ModelConfig:
+    """The config of the checkpoint's model; CheckpointError unless this shaq can build the model
+    from it."""
+    try:
+        config = config_from_dict(checkpoint["model_name"], checkpoint["model_config"])
+        model_class(checkpoint["model_name"]).check_config(config)
+        return config
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"the checkpoint's model description is invalid: {err}") from err
+
+
+def check_model(checkpoint: dict, model_name: str, model_config: ModelConfig) -> None:
     """Raise CheckpointError unless the checkpoint holds a `model_name` model of this config."""
     problems = []
     if checkpoint["model_name"] != model_name:
         problems.append(f"model {checkpoint['model_name']!r} (checkpoint) vs {model_name!r}")
-    ours = model_config.to_dict()
-    for key in sorted(set(ours) | set(checkpoint["model_config"])):
-        theirs = checkpoint["model_config"].get(key, "<absent>")
+    ours, saved = model_config.to_dict(), saved_model_config(checkpoint).to_dict()
+    for key in sorted(set(ours) | set(saved)):
+        theirs = saved.get(key, "<absent>")
         if theirs != ours.get(key, "<absent>"):
             problems.append(f"{key} {theirs!r} (checkpoint) vs {ours.get(key, '<absent>')!r}")
     if problems:
@@ -293,7 +343,8 @@ def check_model(checkpoint: dict, model_name: str, model_config: SHARNNConfig) -
 
 
 def load_weights(model: nn.Module, checkpoint: dict, strict: bool = True) -> None:
-    """Copy the checkpoint's weights into `model`; with `strict`, every tensor must match by name and shape."""
+    """Copy the checkpoint's weights into `model`; with `strict`, every tensor must match by name
+    and shape."""
     try:
         model.load_state_dict(checkpoint["model"], strict=strict)
     except RuntimeError as err:
@@ -301,18 +352,16 @@ def load_weights(model: nn.Module, checkpoint: dict, strict: bool = True) -> Non
         raise CheckpointError(f"the checkpoint's weights do not fit the model: {detail}") from err
 
 
-def load_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[nn.Module, dict]:
+def load_model(
+    path: str | os.PathLike, device: torch.device | str = "cpu"
+) -> tuple[nn.Module, dict]:
     """Build the model a checkpoint describes, load its weights, and return it in eval mode.
 
     `path` is a .pt file or a run folder (its best.pt). Returns (model, checkpoint) so callers
     can read the configs, e.g. checkpoint["train_config"]["seq_len"].
     """
     checkpoint = load_checkpoint(path)
-    try:
-        config = SHARNNConfig(**checkpoint["model_config"])
-        model = build_model(checkpoint["model_name"], config)
-    except (TypeError, ValueError) as err:
-        raise CheckpointError(f"the checkpoint's model description is invalid: {err}") from err
+    model = build_model(checkpoint["model_name"], saved_model_config(checkpoint))
     load_weights(model, checkpoint)
     return model.to(device).eval(), checkpoint
 

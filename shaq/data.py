@@ -3,7 +3,7 @@
 Every corpus is a stream of raw bytes, so the vocabulary is always the 256 byte values and there
 is no tokenizer. A typical training loop::
 
-    corpus = load_enwik8("data")              # or load_standin() without network
+    corpus = load_corpus("auto", "data")      # enwik8, or the offline stand-in without it
     train = batchify(corpus.train, 16)        # [B, N] long, row b is one contiguous stream
     for inputs, targets in iterate_segments(train, 1024, variable=True):
         ...                                   # inputs, targets: [B, T]; targets = next bytes
@@ -83,6 +83,32 @@ def _split(data: torch.Tensor, name: str) -> Corpus:
     return Corpus(train, valid, test, name)
 
 
+CORPORA = ("standin", "enwik8", "auto")
+
+
+def load_corpus(
+    name: str, root: str | Path = "data", *, max_bytes: int | None = None, verbose: bool = True
+) -> Corpus:
+    """The corpus called `name` (one of CORPORA), as ``TrainConfig.data`` and the book name it:
+    `load_standin(max_bytes)`, `load_enwik8(root)`, or for ``auto`` enwik8 if it can be had, else
+    the stand-in with a notice saying why (unless not `verbose`). Only ``enwik8`` raises DataError.
+    """
+    if name not in CORPORA:
+        raise ValueError(f"the corpus must be one of {', '.join(CORPORA)}, got {name!r}")
+    if name == "enwik8" and max_bytes is not None:
+        raise ValueError("max_bytes cuts the stand-in only: enwik8 keeps its standard splits")
+    if name != "standin":
+        try:
+            return load_enwik8(root)
+        except DataError as err:
+            if name == "enwik8":
+                raise
+            if verbose:
+                print(f"data 'auto': enwik8 is not available ({err})")
+                print("  -> training on the offline stand-in instead")
+    return load_standin(max_bytes)
+
+
 # ----------------------------------------------------------------------------------------------
 # enwik8
 
@@ -103,18 +129,16 @@ def load_enwik8(
     Files in `root`:
 
     - ``enwik8``: the verified, unzipped bytes. Once present, loading needs neither the zip nor
-      the network. Its size and md5 are re-checked on every load rather than trusted from a
-      marker file: the 100 MB are read anyway, hashing them adds ~0.2 s, and it verifies exactly
-      the bytes that go into the tensors. A bad copy is moved aside to ``enwik8.bad`` with a
-      warning and rebuilt.
+      the network. Its size and md5 are checked on every load (the bytes are read anyway, and
+      this checks exactly what goes into the tensors); a bad copy is moved aside to
+      ``enwik8.bad`` with a warning and rebuilt.
     - ``enwik8.zip``: if present (e.g. downloaded by hand) it is used without network; if its
       member is wrong it is moved aside to ``enwik8.zip.bad`` and a DataError is raised.
       Otherwise, with `download`, it is fetched from `url`.
 
-    Everything is written to a temporary ``.*.part`` file in `root` and renamed into place with
-    ``os.replace`` only once verified, so ``enwik8`` and ``enwik8.zip`` are either absent or
-    good, and a failed download leaves nothing behind (only a process killed mid-write can leave
-    a ``.part`` file, which is safe to delete).
+    Everything is written to a hidden ``.*.part`` file in `root` and moved into place with
+    ``os.replace`` once verified: ``enwik8`` and ``enwik8.zip`` are absent or good, and a failed
+    download leaves nothing behind (a process killed mid-write may leave a ``.part`` file).
 
     Args:
         root: folder for ``enwik8.zip`` and ``enwik8``; created if needed.
@@ -146,11 +170,7 @@ def load_enwik8(
         elif download:
             data = _download(url, zip_path, zip_size, size, md5, timeout)
         else:
-            raise DataError(
-                f"{zip_path} not found and download=False. Download {url} by hand and place it at "
-                f"{zip_path}, or pass download=True, or use the offline stand-in: `--data standin` "
-                "/ shaq.data.load_standin()"
-            )
+            raise DataError(f"{zip_path} not found and download=False. {_howto(url, zip_path)}")
         _write_atomic(raw_path, data)
     return _split(torch.frombuffer(data, dtype=torch.uint8), "enwik8")
 
@@ -246,9 +266,12 @@ def _fetch(url: str, file: BinaryIO, limit: int, timeout: float, zip_path: Path)
     request = urllib.request.Request(url, headers={"User-Agent": "shaq"})
     received = 0
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response, tqdm(
-            total=limit, unit="B", unit_scale=True, unit_divisor=1024, desc=zip_path.name
-        ) as bar:
+        with (
+            urllib.request.urlopen(request, timeout=timeout) as response,
+            tqdm(
+                total=limit, unit="B", unit_scale=True, unit_divisor=1024, desc=zip_path.name
+            ) as bar,
+        ):
             # A server that closes early just ends the stream (http.client does not raise for a
             # short body), so completeness is checked by the caller from the byte count.
             while received <= limit and (chunk := response.read(min(_CHUNK, limit + 1 - received))):
@@ -288,6 +311,7 @@ def _move_aside(path: Path) -> Path:
 # ----------------------------------------------------------------------------------------------
 # Offline stand-in
 
+STANDIN_NAME = f"standin-py{sys.version_info.major}.{sys.version_info.minor}"
 # Folders under the stdlib that are not stdlib prose or code: test suites (with their data
 # files), third-party packages, bytecode caches, compiled extensions, and build configuration.
 _SKIP_DIRS = frozenset(
@@ -312,24 +336,19 @@ def _skip_file(relpath: str) -> bool:
 
 @functools.lru_cache(maxsize=1)
 def _standin_bytes() -> bytes:
-    """The assembled stand-in corpus (see load_standin); built once per process in ~0.05-0.5 s."""
+    """The assembled stand-in corpus (see load_standin); built once per process."""
     from pydoc_data.topics import topics  # imported here: 0.7 MB module only this corpus needs
 
     documents = {f"pydoc_data.topics[{key!r}]": text.encode() for key, text in topics.items()}
     stdlib = Path(sysconfig.get_paths()["stdlib"])
-    n_sources = 0
     for folder, dirnames, filenames in os.walk(stdlib):
         dirnames[:] = [name for name in dirnames if not _skip_dir(name)]  # prune: never descend
         for filename in filenames:
             relpath = (Path(folder) / filename).relative_to(stdlib).as_posix()
             if filename.endswith(".py") and not _skip_file(relpath):
                 documents[relpath] = (stdlib / relpath).read_bytes()
-                n_sources += 1
-    if n_sources == 0:
-        raise DataError(
-            f"no Python sources found under {stdlib}; "
-            "the stand-in corpus needs the standard library's .py files"
-        )
+    if len(documents) == len(topics):  # not one .py file
+        raise DataError(f"no .py files under {stdlib}; the stand-in needs the stdlib sources")
     # Sort (walk order is filesystem-dependent), then shuffle with a fixed seed so that docs and
     # code from many packages land in all three splits; valid/test come from the end.
     names = sorted(documents)
@@ -346,26 +365,22 @@ def load_standin(max_bytes: int | None = None) -> Corpus:
     - the pydoc topic texts (``pydoc_data.topics.topics``, the reference manual's chapters as
       plain text, UTF-8 encoded), and
     - the standard library's ``.py`` files under ``sysconfig.get_paths()["stdlib"]``, raw bytes,
-      excluding test suites (any folder named ``test``, ``tests`` or ``idle_test``, e.g. ``test/``,
-      ``unittest/test/``, ``lib2to3/tests/``, ``idlelib/idle_test/``), ``site-packages`` /
-      ``dist-packages``, ``__pycache__``, ``lib-dynload``, ``config-*`` (build configuration),
-      ``pydoc_data/topics.py`` (the same topics again), ``_sysconfigdata*.py`` (machine-specific,
-      generated at build time) and ``sitecustomize.py`` / ``usercustomize.py``.
+      without test suites, third-party packages, caches, build configuration and the files that
+      differ between installs of one Python version (``_SKIP_DIRS`` and ``_SKIP_FILES``).
 
     The documents are sorted by name, shuffled with ``random.Random(0)`` so that every split mixes
     prose and code from many packages, and joined with form feeds (b"\\f"). Never any text written
     in this repository. The result is deterministic for a given Python version (and identical
-    stdlib files); on CPython 3.11.7 it is 11,789,648 bytes: train 10,610,684, valid 589,482,
-    test 589,482 (466,117 bytes from 79 pydoc topics, the rest from 731 source files).
+    stdlib files), which its name says.
 
     Args:
         max_bytes: keep only the first `max_bytes` bytes before splitting (quick runs); at least
             20 so every split is non-empty. None keeps everything.
 
     Returns:
-        Corpus named e.g. "standin-py3.11" of uint8 tensors split 90/5/5 like enwik8. Each call
-        returns fresh tensors, so modifying one corpus never affects another; the assembled bytes
-        are cached in memory, so only the first call reads the files.
+        Corpus named STANDIN_NAME (e.g. "standin-py3.11") of uint8 tensors split 90/5/5 like
+        enwik8. Each call returns fresh tensors, so modifying one corpus never affects another;
+        the assembled bytes are cached in memory, so only the first call reads the files.
     """
     raw = _standin_bytes()
     if max_bytes is not None:
@@ -374,8 +389,7 @@ def load_standin(max_bytes: int | None = None) -> Corpus:
                 f"max_bytes must be at least 20 so that every split is non-empty, got {max_bytes}"
             )
         raw = memoryview(raw)[:max_bytes]
-    name = f"standin-py{sys.version_info.major}.{sys.version_info.minor}"
-    return _split(torch.frombuffer(bytearray(raw), dtype=torch.uint8), name)
+    return _split(torch.frombuffer(bytearray(raw), dtype=torch.uint8), STANDIN_NAME)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -397,8 +411,7 @@ def batchify(data: torch.Tensor, batch_size: int) -> torch.Tensor:
         [B, N] long tensor on data's device; always a new tensor, never a view of `data`.
 
     Raises:
-        ValueError: data is not 1-D integers, batch_size < 1, or N < 2 (each row needs at least
-            one input byte and its target).
+        ValueError: data is not 1-D integers, batch_size < 1, or N < 2.
     """
     if data.dim() != 1:
         raise ValueError(f"data must be 1-D, got shape {tuple(data.shape)}")
@@ -425,7 +438,6 @@ def segment_length(
     probability 0.95, else `seq_len` / 2, then T = int(Normal(base, 5)) clamped to [5, seq_len].
     Varying T moves the segment boundaries from epoch to epoch, so each byte is seen at different
     positions of a segment instead of always at the same one.
-
     Exactly two numbers are drawn from `generator` (torch's global RNG if None) per variable call,
     so checkpointing the generator state along with the cursor resumes the same lengths.
     """
@@ -476,13 +488,10 @@ def iterate_segments(
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Consecutive (inputs, targets) segments of `batched` from column `start` to the end.
 
-    Each segment is get_segment(batched, pos, segment_length(seq_len, variable, generator)) and
-    the next one starts at pos + inputs.size(1), so together the inputs cover columns
-    [start, N - 1) exactly once and the last segment may be shorter. To resume mid-epoch, pass the
+    Each is get_segment(batched, pos, segment_length(seq_len, variable, generator)), the next
+    starting at pos + T: the inputs cover columns [start, N - 1) once, the last may be shorter.
+    Yields (inputs, targets), both [B, T] long views of `batched`; to resume mid-epoch, pass the
     saved cursor as `start` and a generator restored to the state it had at that cursor.
-
-    Yields:
-        (inputs, targets), both [B, T] long views of `batched`; targets are inputs shifted by one.
     """
     pos = start
     while pos < batched.size(1) - 1:

@@ -5,6 +5,7 @@ WORLD_SIZE and LOCAL_RANK; `init_distributed` sees them, joins the process group
 GPUs, gloo on CPUs) and gives each process its own GPU.
 """
 
+import contextlib
 import os
 from dataclasses import dataclass
 from functools import cache
@@ -29,25 +30,72 @@ def pick_device(name: str = "auto") -> torch.device:
         return torch.device("cpu")
     kind = name.split(":")[0]
     if kind not in DEVICES:
-        raise ValueError(f"unknown device {name!r}; choose one of {list(DEVICES)} (or e.g. 'cuda:1')")
+        raise ValueError(
+            f"unknown device {name!r}; choose one of {list(DEVICES)} (or e.g. 'cuda:1')"
+        )
     if kind == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' asked for, but torch sees no CUDA GPU; use --device auto or cpu")
+        raise ValueError(
+            "device 'cuda' asked for, but torch sees no CUDA GPU; use --device auto or cpu"
+        )
     if kind == "mps" and not torch.backends.mps.is_available():
-        raise ValueError("device 'mps' asked for, but torch sees no Apple GPU; use --device auto or cpu")
+        raise ValueError(
+            "device 'mps' asked for, but torch sees no Apple GPU; use --device auto or cpu"
+        )
     return torch.device(name)
 
 
-def autocast_dtype(device: torch.device, amp: bool) -> torch.dtype | None:
-    """The dtype of mixed precision on `device`, or None for plain float32.
+# TrainConfig.amp: what a run asks for. A run records what "auto" and "on" resolved to ("bf16",
+# "fp16" or "off", see `resolve_amp`), so a resumed run, an evaluation and generation compute
+# in the precision the weights were trained in.
+AMP_CHOICES = ("auto", "on", "off", "bf16", "fp16")
 
-    CUDA only: bfloat16 where the GPU has it (Ampere and newer: same range as float32, so no
-    loss scaling and no scale collapse like the reference's apex runs), else float16, which
-    needs a gradient scaler. The CPU and MPS run in float32: autocast there is slower or
-    less tested than it is worth for models of this size.
+
+def resolve_amp(amp: str, device: torch.device) -> str:
+    """The mixed precision a run on `device` uses for TrainConfig.amp: "bf16", "fp16" or "off".
+
+    - "auto": where it is native and faster: bfloat16 on CUDA GPUs that have it (Ampere and newer:
+      the range of float32, so no loss scaling), float16 with a gradient scaler on older GPUs,
+      bfloat16 on CPUs with AMX or AVX512-BF16 (`cpu_has_bf16`); float32 on other CPUs (there
+      bf16 is emulated, slower than float32) and on Apple GPUs.
+    - "on": mixed precision wherever there is one: as "auto", but bf16 on every CPU.
+    - "off": float32. "bf16" / "fp16": that dtype (fp16 on CUDA only), e.g. a recorded choice.
+
+    Under CPU autocast the recurrent states and gate nonlinearities stay in float32 (shaq.nn.qrnn,
+    shaq.nn.lstm): only the matmuls run in bf16.
     """
-    if not amp or device.type != "cuda":
-        return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if amp not in AMP_CHOICES:
+        raise ValueError(f"amp must be one of {list(AMP_CHOICES)}, got {amp!r}")
+    if amp in ("auto", "on"):
+        if device.type == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        if device.type == "cpu" and (amp == "on" or cpu_has_bf16()):
+            return "bf16"
+        return "off"
+    if amp == "fp16" and device.type != "cuda":
+        raise ValueError(
+            f"amp 'fp16' (float16 with a gradient scaler) needs a CUDA GPU, not {device.type}: "
+            "use --amp bf16 or --amp off"
+        )
+    if amp == "bf16" and device.type == "mps":
+        raise ValueError("amp 'bf16' is not supported on Apple GPUs (mps) here: use --amp off")
+    return amp
+
+
+def mixed_precision(
+    device: torch.device, dtype: torch.dtype | None
+) -> contextlib.AbstractContextManager:
+    """Autocast to `dtype` on `device`, or nothing (float32) when `dtype` is None."""
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
+
+
+def autocast_dtype(amp: str) -> torch.dtype | None:
+    """The autocast dtype of a resolved amp ("bf16", "fp16" or "off"), None for float32."""
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
+    if amp not in dtypes:
+        raise ValueError(
+            f"amp must be resolved to one of {list(dtypes)} (see resolve_amp), got {amp!r}"
+        )
+    return dtypes[amp]
 
 
 @cache

@@ -11,7 +11,9 @@ from torch import nn
 from shaq.models import State
 
 
-def sample_next(logits: torch.Tensor, temperature: float, top_p: float | None, generator: torch.Generator | None) -> torch.Tensor:
+def sample_next(
+    logits: torch.Tensor, temperature: float, top_p: float | None, generator: torch.Generator | None
+) -> torch.Tensor:
     """Draw one byte per row from logits [B, 256] -> [B] (temperature 0 means argmax).
 
     top_p keeps the smallest set of most likely bytes whose probability reaches top_p

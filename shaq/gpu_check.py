@@ -1,8 +1,10 @@
-"""A GPU check, ready to run: one command, budgeted for about four minutes on one CUDA GPU, one table.
+"""A GPU check, ready to run: one command, budgeted for about four minutes on one CUDA GPU,
+one table.
 
     python -m shaq.gpu_check                     # paper shapes on the GPU; smoke shapes without one
     python -m shaq.gpu_check --quick             # smoke shapes on whatever device is there
-    python -m shaq.gpu_check --cpu --skip-tests  # smoke shapes on the CPU, under a minute: what CI runs
+    python -m shaq.gpu_check --cpu --skip-tests  # smoke shapes on the CPU, under a minute:
+                                                 # what CI runs
     python -m shaq.gpu_check --json out.json     # also write the table's numbers as JSON
 
 It prints a header line (date, GPU, torch, CUDA) and one Markdown table, ready to paste into the
@@ -54,8 +56,9 @@ import torch
 
 from shaq import bench
 from shaq.device import cpu_has_bf16
-from shaq.models import SHARNNConfig
-from shaq.train import TrainConfig, Trainer, TrainingError
+from shaq.table import Table
+from shaq.train import Trainer, TrainingError
+from shaq.train_config import TrainConfig
 
 # The tests of a checkout; an installed shaq has none (then run with --skip-tests).
 TESTS_DIR = Path(__file__).resolve().parent.parent / "tests"
@@ -71,11 +74,13 @@ class CheckPlan:
     rnn_batch: int
     rnn_repeats: int  # timed calls per layer (after one warm-up call)
     matmul_n: int  # side of the square matmul whose speed is the "peak" of the one-layer rows
-    step: bench.StepShape  # the training-step comparison: model, B, T, warm-up, at most `repeats` timed
+    step: bench.StepShape  # the step comparison: preset, B, T, warm-up, at most `repeats` timed
     step_budget_s: float  # stop timing a model once its timed steps have taken this long
-    train_preset: str  # TrainConfig preset of the training check; its model is step.config
+    train_preset: str  # TrainConfig preset of the training check; its model is step.config("shaq")
     train_steps: int
-    loss_window: int  # the loss must fall from the mean of the first to the mean of the last this many steps
+    loss_window: (
+        int  # the loss must fall from the mean of the first to the mean of the last this many steps
+    )
     train_minutes: float  # the Trainer stops here even before train_steps
     eval_bytes: int  # valid and test prefix the Trainer evaluates at the end
     tests_timeout_s: float
@@ -85,16 +90,36 @@ class CheckPlan:
 # about 4 minutes too: tests <= 150 s (a fresh machine first compiles the CPU forget-mult for
 # the test that compares against it), steps <= 2 x (3 warm-up + 15 s), training <= 2 minutes.
 GPU_PLAN = CheckPlan(
-    name="paper", rnn_hidden=1024, rnn_seq=1024, rnn_batch=16, rnn_repeats=10, matmul_n=8192,
-    step=bench.StepShape("paper", SHARNNConfig.paper(), 16, 1024, warmup=3, repeats=20), step_budget_s=15.0,
-    train_preset="paper", train_steps=200, loss_window=20, train_minutes=2.0, eval_bytes=131_072,
+    name="paper",
+    rnn_hidden=1024,
+    rnn_seq=1024,
+    rnn_batch=16,
+    rnn_repeats=10,
+    matmul_n=8192,
+    step=bench.StepShape("paper", "paper", 16, 1024, warmup=3, repeats=20),
+    step_budget_s=15.0,
+    train_preset="paper",
+    train_steps=200,
+    loss_window=20,
+    train_minutes=2.0,
+    eval_bytes=131_072,
     tests_timeout_s=150.0,
 )
 
 SMOKE_PLAN = CheckPlan(
-    name="smoke", rnn_hidden=64, rnn_seq=64, rnn_batch=4, rnn_repeats=3, matmul_n=256,
-    step=bench.StepShape("smoke", SHARNNConfig.smoke(), 4, 64, warmup=1, repeats=3), step_budget_s=5.0,
-    train_preset="smoke", train_steps=20, loss_window=5, train_minutes=1.0, eval_bytes=4096,
+    name="smoke",
+    rnn_hidden=64,
+    rnn_seq=64,
+    rnn_batch=4,
+    rnn_repeats=3,
+    matmul_n=256,
+    step=bench.StepShape("smoke", "smoke", 4, 64, warmup=1, repeats=3),
+    step_budget_s=5.0,
+    train_preset="smoke",
+    train_steps=20,
+    loss_window=5,
+    train_minutes=1.0,
+    eval_bytes=4096,
     tests_timeout_s=150.0,
 )
 
@@ -119,7 +144,8 @@ class Row:
 
 @contextlib.contextmanager
 def trainer_float32_matmuls(device: torch.device) -> Iterator[None]:
-    """TF32 for float32 matmuls in cuBLAS and cuDNN alike while inside, on a GPU (see the module doc)."""
+    """TF32 for float32 matmuls in cuBLAS and cuDNN alike while inside, on a GPU (see the module
+    doc)."""
     if device.type != "cuda":
         yield
         return
@@ -147,8 +173,9 @@ def one_cpu_thread(device: torch.device) -> Iterator[None]:
         torch.set_num_threads(saved)
 
 
-def time_within(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int,
-                budget_s: float) -> list[float]:
+def time_within(
+    fn: Callable[[], object], device: torch.device, warmup: int, repeats: int, budget_s: float
+) -> list[float]:
     """Seconds of each of up to `repeats` timed calls of fn after `warmup` untimed ones, stopping
     early once the timed calls have taken `budget_s` (at least one call is timed)."""
     bench.time_calls(fn, device, warmup, 0)
@@ -178,7 +205,9 @@ def _memory(n_bytes: int | None) -> str:
 def _cpu_name() -> str:
     try:
         with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+            return next(
+                line.split(":", 1)[1].strip() for line in f if line.startswith("model name")
+            )
     except (OSError, StopIteration):
         return platform.processor() or platform.machine()
 
@@ -199,26 +228,43 @@ def run_tests(tests_dir: Path, keyword: str, timeout_s: float) -> dict:
     stderr). Raises FileNotFoundError without tests_dir, subprocess.TimeoutExpired past timeout_s.
     """
     if not tests_dir.is_dir():
-        raise FileNotFoundError(f"no tests at {tests_dir}: run from a checkout of shaq, or pass --skip-tests")
+        raise FileNotFoundError(
+            f"no tests at {tests_dir}: run from a checkout of shaq, or pass --skip-tests"
+        )
     with tempfile.TemporaryDirectory(prefix="shaq-gpu-check-") as tmp:
         report = Path(tmp) / "report.xml"
-        command = [sys.executable, "-m", "pytest", str(tests_dir), "-k", keyword, "-q",
-                   "-p", "no:cacheprovider", f"--junitxml={report}"]
+        command = [
+            sys.executable,
+            "-m",
+            "pytest",
+            str(tests_dir),
+            "-k",
+            keyword,
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            f"--junitxml={report}",
+        ]
         start = time.perf_counter()
         # From the checkout's root, so that its pytest settings and conftest apply.
-        done = subprocess.run(command, cwd=tests_dir.parent, capture_output=True, text=True,
-                              timeout=timeout_s)
+        done = subprocess.run(
+            command, cwd=tests_dir.parent, capture_output=True, text=True, timeout=timeout_s
+        )
         counts = {"passed": 0, "failed": 0, "errors": 0, "skipped": 0}
         if report.exists():  # absent when pytest could not start
             for suite in ElementTree.parse(report).getroot().iter("testsuite"):
                 tests, failed, errors, skipped = (
-                    int(suite.get(key, 0)) for key in ("tests", "failures", "errors", "skipped"))
+                    int(suite.get(key, 0)) for key in ("tests", "failures", "errors", "skipped")
+                )
                 counts["passed"] += tests - failed - errors - skipped
                 counts["failed"] += failed
                 counts["errors"] += errors
                 counts["skipped"] += skipped
-    return counts | {"returncode": done.returncode, "seconds": time.perf_counter() - start,
-                     "output": done.stdout + done.stderr}
+    return counts | {
+        "returncode": done.returncode,
+        "seconds": time.perf_counter() - start,
+        "output": done.stdout + done.stderr,
+    }
 
 
 def check_cuda_tests(plan: CheckPlan, cuda: bool) -> tuple[list[Row], dict]:
@@ -237,7 +283,9 @@ def check_cuda_tests(plan: CheckPlan, cuda: bool) -> tuple[list[Row], dict]:
         status = "ok (skipped: no CUDA device)"
     if status.startswith("FAIL"):
         print(result["output"][-4000:], file=sys.stderr)
-    row = Row("CUDA tests", "`pytest tests -k cuda`", "", f"{counts} ({result['seconds']:.0f} s)", status)
+    row = Row(
+        "CUDA tests", "`pytest tests -k cuda`", "", f"{counts} ({result['seconds']:.0f} s)", status
+    )
     return [row], {k: v for k, v in result.items() if k != "output"}
 
 
@@ -246,8 +294,12 @@ def check_one_layer(device: torch.device, plan: CheckPlan) -> tuple[list[Row], l
 
     The "of peak" figure is the QRNN's matmul rate against a plain matmul's in the same dtype.
     """
-    bench_plan = replace(bench.quick_plan(), rnn_hidden=(plan.rnn_hidden,), rnn_seq=(plan.rnn_seq,),
-                         rnn_batch=plan.rnn_batch)
+    bench_plan = replace(
+        bench.quick_plan(),
+        rnn_hidden=(plan.rnn_hidden,),
+        rnn_seq=(plan.rnn_seq,),
+        rnn_batch=plan.rnn_batch,
+    )
     lstm = "cuDNN LSTM" if device.type == "cuda" else "nn.LSTM"
     shape = f"H {plan.rnn_hidden}, T {plan.rnn_seq}, B {plan.rnn_batch}"
     check = f"one layer fwd+bwd: {lstm} vs QRNN"
@@ -256,15 +308,24 @@ def check_one_layer(device: torch.device, plan: CheckPlan) -> tuple[list[Row], l
         precision = "bf16 autocast" if bf16 else "fp32 (TF32)" if device.type == "cuda" else "fp32"
         if bf16 and device.type == "cpu" and not cpu_has_bf16():
             # (shaq's models keep such LSTMs in float32 under autocast; a bare nn.LSTM raises)
-            rows.append(Row(check, shape, precision, "not run",
-                            "skipped: oneDNN has no bf16 LSTM on a CPU without AVX512-BF16 or AMX"))
+            rows.append(
+                Row(
+                    check,
+                    shape,
+                    precision,
+                    "not run",
+                    "skipped: oneDNN has no bf16 LSTM on a CPU without AVX512-BF16 or AMX",
+                )
+            )
             continue
         ctx = bench.Context(device, bf16, plan.rnn_repeats)
         peak = bench.matmul_peak(ctx, plan.matmul_n)["peak_gflops"]
         r = bench.bench_rnn(ctx, bench_plan, peak)[0]
         numbers.append({"precision": precision, "matmul_peak_gflops": peak} | r)
-        result = (f"LSTM {_rate(r['lstm_bytes_per_s'])}, QRNN {_rate(r['qrnn1_bytes_per_s'])}: QRNN "
-                  f"{r['qrnn1_speedup']:.2f}x ({100 * r['qrnn1_peak_fraction']:.0f}% of matmul peak)")
+        result = (
+            f"LSTM {_rate(r['lstm_bytes_per_s'])}, QRNN {_rate(r['qrnn1_bytes_per_s'])}: QRNN "
+            f"{r['qrnn1_speedup']:.2f}x ({100 * r['qrnn1_peak_fraction']:.0f}% of matmul peak)"
+        )
         rows.append(Row(check, shape, precision, result, "ok"))
         _free(device)
     return rows, numbers
@@ -275,7 +336,12 @@ def check_steps(device: torch.device, plan: CheckPlan) -> tuple[list[Row], dict]
     shape = plan.step
     ctx = bench.Context(device, bf16=True, repeats=shape.repeats)
     memory = bench.PeakMemory(device)
-    numbers: dict = {"shape": shape.name, "batch": shape.batch, "seq_len": shape.seq_len, "models": {}}
+    numbers: dict = {
+        "shape": shape.name,
+        "batch": shape.batch,
+        "seq_len": shape.seq_len,
+        "models": {},
+    }
     for kind in ("shaq", "sharnn"):
         memory.reset()
         # The bench's step builder: the same step as its step table, so the figures compare
@@ -283,20 +349,34 @@ def check_steps(device: torch.device, plan: CheckPlan) -> tuple[list[Row], dict]
         _, step = bench.make_step(kind, shape, ctx)
         times = time_within(step, device, shape.warmup, shape.repeats, plan.step_budget_s)
         seconds = statistics.median(times)
-        numbers["models"][kind] = {"step_s": seconds, "timed_steps": len(times),
-                                   "bytes_per_s": shape.batch * shape.seq_len / seconds,
-                                   "peak_memory_bytes": memory.peak()}
+        numbers["models"][kind] = {
+            "step_s": seconds,
+            "timed_steps": len(times),
+            "bytes_per_s": shape.batch * shape.seq_len / seconds,
+            "peak_memory_bytes": memory.peak(),
+        }
         del step
         _free(device)
     m = numbers["models"]
     numbers["shaq_over_sharnn"] = m["shaq"]["bytes_per_s"] / m["sharnn"]["bytes_per_s"]
     where = f"{shape.name}, B {shape.batch} x T {shape.seq_len}"
     rows = [
-        Row("training step: SHAQ", where, "bf16 autocast",
+        Row(
+            "training step: SHAQ",
+            where,
+            "bf16 autocast",
             f"{_rate(m['shaq']['bytes_per_s'])} ({numbers['shaq_over_sharnn']:.2f}x SHA-RNN), "
-            f"peak {_memory(m['shaq']['peak_memory_bytes'])}", "ok"),
-        Row("training step: SHA-RNN", where, "bf16 autocast",
-            f"{_rate(m['sharnn']['bytes_per_s'])}, peak {_memory(m['sharnn']['peak_memory_bytes'])}", "ok"),
+            f"peak {_memory(m['shaq']['peak_memory_bytes'])}",
+            "ok",
+        ),
+        Row(
+            "training step: SHA-RNN",
+            where,
+            "bf16 autocast",
+            f"{_rate(m['sharnn']['bytes_per_s'])}, peak "
+            f"{_memory(m['sharnn']['peak_memory_bytes'])}",
+            "ok",
+        ),
     ]
     return rows, numbers
 
@@ -312,14 +392,28 @@ def check_training(device: torch.device, plan: CheckPlan) -> tuple[list[Row], di
     summary, problems = None, []
     with tempfile.TemporaryDirectory(prefix="shaq-gpu-check-") as tmp:
         config = TrainConfig.preset(
-            plan.train_preset, model="shaq", data="standin", steps=plan.train_steps,
-            minutes=plan.train_minutes, eval_interval=0, save_interval=0, eval_bytes=plan.eval_bytes,
-            final_bytes=plan.eval_bytes, on_nonfinite="skip", device=str(device),
-            out_dir=str(Path(tmp) / "run"))
-        trainer = Trainer(config, plan.step.config, callback=lambda m: losses.append(m["loss"]),
-                          verbose=False)
+            plan.train_preset,
+            model="shaq",
+            data="standin",
+            steps=plan.train_steps,
+            minutes=plan.train_minutes,
+            eval_interval=0,
+            save_interval=0,
+            eval_bytes=plan.eval_bytes,
+            final_bytes=plan.eval_bytes,
+            on_nonfinite="skip",
+            device=str(device),
+            out_dir=str(Path(tmp) / "run"),
+        )
+        trainer = Trainer(
+            config,
+            plan.step.config("shaq"),
+            callback=lambda m: losses.append(m["loss"]),
+            verbose=False,
+        )
         precision = {None: "fp32", torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast"}[
-            trainer.amp_dtype]
+            trainer.amp_dtype
+        ]
         data = trainer.corpus.name
         try:
             summary = trainer.fit()
@@ -330,11 +424,17 @@ def check_training(device: torch.device, plan: CheckPlan) -> tuple[list[Row], di
     w = plan.loss_window
     finite = [loss for loss in losses if loss is not None]
     nonfinite = len(losses) - len(finite)
-    numbers = {"steps": len(losses), "nonfinite_steps": nonfinite, "loss_window": w, "losses": losses,
-               "data": data, "precision": precision,
-               "bytes_per_s": summary["bytes_per_second"] if summary else None,
-               "valid_bpb": summary["valid_bpb"] if summary else None,
-               "valid_bytes": summary["valid_bytes"] if summary else None}
+    numbers = {
+        "steps": len(losses),
+        "nonfinite_steps": nonfinite,
+        "loss_window": w,
+        "losses": losses,
+        "data": data,
+        "precision": precision,
+        "bytes_per_s": summary["bytes_per_second"] if summary else None,
+        "valid_bpb": summary["valid_bpb"] if summary else None,
+        "valid_bytes": summary["valid_bytes"] if summary else None,
+    }
     if summary and not math.isfinite(summary["valid_bpb"]):
         problems.insert(0, "non-finite validation")
     if len(finite) < 2 * w:
@@ -353,9 +453,13 @@ def check_training(device: torch.device, plan: CheckPlan) -> tuple[list[Row], di
         if len(losses) < plan.train_steps:
             result += f" (stopped by the {plan.train_minutes:g} min cap)"
         result += f", {_rate(summary['bytes_per_second'])}, valid {summary['valid_bpb']:.2f} bpb"
-    row = Row(f"{plan.train_steps} training steps (Trainer, {data})",
-              f"{plan.name} SHAQ, B {config.batch_size} x T {config.seq_len}", precision, result,
-              "FAIL: " + "; ".join(problems) if problems else "ok")
+    row = Row(
+        f"{plan.train_steps} training steps (Trainer, {data})",
+        f"{plan.name} SHAQ, B {config.batch_size} x T {config.seq_len}",
+        precision,
+        result,
+        "FAIL: " + "; ".join(problems) if problems else "ok",
+    )
     return [row], numbers
 
 
@@ -365,23 +469,18 @@ def check_training(device: torch.device, plan: CheckPlan) -> tuple[list[Row], di
 COLUMNS = ("check", "shape", "precision", "result", "status")
 
 
-def markdown_table(rows: list[Row]) -> str:
-    """The rows as a Markdown table, its columns padded so that it also reads as plain text."""
-    cells = [list(COLUMNS)] + [[getattr(row, c) for c in COLUMNS] for row in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(COLUMNS))]
-    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in cells]
-    lines.insert(1, "| " + " | ".join("-" * w for w in widths) + " |")
-    return "\n".join(lines)
-
-
 def describe_machine(device: torch.device, plan: CheckPlan, cuda: bool) -> dict:
     """Date, device name, versions and shapes: what makes a pasted table say where it came from."""
     return {
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "device": str(device),
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
-        "cuda_device": torch.cuda.get_device_name() if cuda else None, "torch": torch.__version__,
-        "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version() if cuda else None,
-        "python": platform.python_version(), "shapes": plan.name,
+        "cuda_device": torch.cuda.get_device_name() if cuda else None,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if cuda else None,
+        "python": platform.python_version(),
+        "shapes": plan.name,
     }
 
 
@@ -392,8 +491,10 @@ def device_row(meta: dict) -> Row:
         gpu = f"{meta['device_name']}, {versions}, cuDNN {meta['cudnn']}, {meta['date']}"
         return Row("device", "", "", gpu, "ok")
     why = f"--cpu, {meta['cuda_device']} unused" if meta["cuda_device"] else "no CUDA device"
-    absent = (f"GPU FIGURES ABSENT ({why}): all rows ran on the CPU ({meta['device_name']}) at smoke shapes; "
-              f"{versions}, {meta['date']}")
+    absent = (
+        f"GPU FIGURES ABSENT ({why}): all rows ran on the CPU ({meta['device_name']}) at smoke "
+        f"shapes; {versions}, {meta['date']}"
+    )
     return Row("device", "", "", absent, "absent")
 
 
@@ -401,18 +502,29 @@ def device_row(meta: dict) -> Row:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m shaq.gpu_check", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke shapes (seconds), on whatever device is here")
-    parser.add_argument("--cpu", action="store_true", help="run on the CPU, at smoke shapes, even with a GPU")
-    parser.add_argument("--json", metavar="PATH", help="also write the table's numbers as JSON to PATH")
-    parser.add_argument("--skip-tests", action="store_true",
-                        help="do not run the CUDA tests (e.g. in CI, which runs the whole suite anyway)")
+    parser = argparse.ArgumentParser(
+        prog="python -m shaq.gpu_check", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="smoke shapes (seconds), on whatever device is here"
+    )
+    parser.add_argument(
+        "--cpu", action="store_true", help="run on the CPU, at smoke shapes, even with a GPU"
+    )
+    parser.add_argument(
+        "--json", metavar="PATH", help="also write the table's numbers as JSON to PATH"
+    )
+    parser.add_argument(
+        "--skip-tests",
+        action="store_true",
+        help="do not run the CUDA tests (e.g. in CI, which runs the whole suite anyway)",
+    )
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the checks and print the table; returns the exit status: 0 if every check passed, else 1."""
+    """Run the checks and print the table; returns the exit status: 0 if every check passed,
+    else 1."""
     args = parse_args(argv)
     started = time.perf_counter()
     cuda = torch.cuda.is_available()
@@ -436,7 +548,9 @@ def main(argv: list[str] | None = None) -> int:
         rows.extend(new_rows)
 
     if args.skip_tests:
-        rows.append(Row("CUDA tests", "`pytest tests -k cuda`", "", "not run", "skipped (--skip-tests)"))
+        rows.append(
+            Row("CUDA tests", "`pytest tests -k cuda`", "", "not run", "skipped (--skip-tests)")
+        )
     else:
         run("CUDA tests", "cuda_tests", lambda: check_cuda_tests(plan, cuda))
     with trainer_float32_matmuls(device), one_cpu_thread(device):
@@ -448,15 +562,26 @@ def main(argv: list[str] | None = None) -> int:
     checks = rows[1:]  # not the device row
     failed = [row.check for row in checks if row.failed]
     skipped = sum(row.status.startswith("skipped") for row in checks)
-    verdict = (f"FAILED: {len(failed)} of {len(checks)} checks ({'; '.join(failed)})" if failed
-               else f"all {len(checks) - skipped} checks that ran passed, {skipped} skipped")
-    print(f"shaq GPU check, {meta['date']}: {meta['device_name']}, torch {meta['torch']}, "
-          f"CUDA {meta['cuda'] or 'none'}, {plan.name} shapes\n")
-    print(markdown_table(rows))
+    verdict = (
+        f"FAILED: {len(failed)} of {len(checks)} checks ({'; '.join(failed)})"
+        if failed
+        else f"all {len(checks) - skipped} checks that ran passed, {skipped} skipped"
+    )
+    print(
+        f"shaq GPU check, {meta['date']}: {meta['device_name']}, torch {meta['torch']}, "
+        f"CUDA {meta['cuda'] or 'none'}, {plan.name} shapes\n"
+    )
+    print(Table(list(COLUMNS), [[getattr(row, c) for c in COLUMNS] for row in rows]).markdown())
     print(f"\n{verdict} in {seconds:.0f} s")
     if args.json:
-        report = {"meta": meta, "gpu_figures": plan is GPU_PLAN, "rows": [asdict(row) for row in rows],
-                  "checks": numbers, "passed": not failed, "seconds": seconds}
+        report = {
+            "meta": meta,
+            "gpu_figures": plan is GPU_PLAN,
+            "rows": [asdict(row) for row in rows],
+            "checks": numbers,
+            "passed": not failed,
+            "seconds": seconds,
+        }
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     return 1 if failed else 0
 

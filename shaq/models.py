@@ -1,4 +1,4 @@
-"""SHA-RNN, SHAQ and a plain LSTM baseline: byte-level language models over 256 symbols.
+"""SHA-RNN, SHAQ, a plain LSTM baseline and Shatter: byte-level language models over 256 symbols.
 
 One block of SHA-RNN (Merity, 2019), with every LayerNorm its own::
 
@@ -11,31 +11,36 @@ One block of SHA-RNN (Merity, 2019), with every LayerNorm its own::
 
 The residual bases are the *normalised* values (a and LN_ff(h)), exactly as in the reference:
 the stream is re-normalised at every sub-layer. SHAQ is the same model with a QRNN in place of
-every LSTM. All three models share one interface::
+every LSTM. All the models share one interface::
 
     model(x [B, T], state=None, targets=None, return_attention=False) -> ModelOutput
 
 and carry their recurrent states and attention memories in a `State` from segment to segment.
+
+What the models share (the config base, `State`, `ModelOutput`, the tied embedding and softmax,
+the initialisation) is in `shaq.byte_lm`. Each model has its own config, a dataclass with
+presets: `SHARNNConfig` (SHARNN and SHAQ), `LSTMConfig` (LSTMLM) and `ShatterConfig` (ShatterLM,
+in `shaq.shatter`: attention without recurrence). The registry `MODELS` knows the models by name
+('sharnn', 'shaq', 'lstm', 'shatter'); `model_config`, `config_from_dict` and `build_model` go
+through it.
 """
 
-import math
-from collections.abc import Callable
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, fields, replace
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from shaq.nn import LSTM, QRNN, Boom, Linear, LSTMState, QRNNState, SingleHeadAttention
+from shaq.byte_lm import ModelConfig, ModelOutput, State, _ByteLM, common_problems
+from shaq.nn import LSTM, QRNN, Boom, SingleHeadAttention
 from shaq.nn.dropout import Dropout
-
+from shaq.shatter import ShatterLM
 
 # ----------------------------------------------------------------------------- config
 
 
 @dataclass
-class SHARNNConfig:
-    """Everything that fixes the shape of a model. Presets: `paper()`, `cpu()`, `smoke()`.
+class SHARNNConfig(ModelConfig):
+    """The shape of a SHA-RNN or a SHAQ. Presets: `paper()`, `cpu()`, `smoke()`.
 
     `attention_layers=None` means the reference's choice: one attention, in the second-to-last
     block (block 0 when there is only one). `memory_len` bounds how many positions a query
@@ -51,7 +56,7 @@ class SHARNNConfig:
     dropout_input: float = 0.1  # on the embeddings (the reference's `dropouti`)
     dropout_hidden: float = 0.1  # inside every block (`dropouth`)
     dropout_output: float = 0.1  # before the tied softmax (`dropout`)
-    rnn: str = "lstm"  # filled in by the model (SHARNN, LSTMLM: "lstm"; SHAQ: "qrnn"), never chosen apart
+    rnn: str = "lstm"  # filled in by the model (SHARNN: "lstm"; SHAQ: "qrnn"), never chosen apart
     qrnn_window: int = 1
     overparam: bool = True  # over-parameterised value gate in the attention
     boom_shortcut: bool = True  # Boom sums its chunks instead of a second Linear
@@ -59,28 +64,22 @@ class SHARNNConfig:
     def __post_init__(self):
         if self.attention_layers is not None:
             self.attention_layers = tuple(int(i) for i in self.attention_layers)
-        problems = []
-        if self.vocab_size != 256:
-            problems.append(f"vocab_size must be 256 (bytes), got {self.vocab_size}")
-        if self.d_model < 1:
-            problems.append(f"d_model must be >= 1, got {self.d_model}")
-        if self.n_layers < 1:
-            problems.append(f"n_layers must be >= 1, got {self.n_layers}")
+        problems = common_problems(self)
         if self.boom_expansion < 1:
             problems.append(f"boom_expansion must be >= 1, got {self.boom_expansion}")
         if self.memory_len < 0:
-            problems.append(f"memory_len must be >= 0 (0 = no memory beyond the segment), got {self.memory_len}")
-        for name in ("dropout_input", "dropout_hidden", "dropout_output"):
-            p = getattr(self, name)
-            if not 0.0 <= p < 1.0:
-                problems.append(f"{name} must be in [0, 1), got {p}")
+            problems.append(
+                f"memory_len must be >= 0 (0 = no memory beyond the segment), got {self.memory_len}"
+            )
         if self.rnn not in ("lstm", "qrnn"):
             problems.append(f"rnn must be 'lstm' or 'qrnn', got {self.rnn!r}")
         if self.qrnn_window not in (1, 2):
             problems.append(f"qrnn_window must be 1 or 2, got {self.qrnn_window}")
         for i in self.attention_layers or ():
             if not 0 <= i < self.n_layers:
-                problems.append(f"attention layer {i} does not exist in a {self.n_layers}-block model")
+                problems.append(
+                    f"attention layer {i} does not exist in a {self.n_layers}-block model"
+                )
         if problems:
             raise ValueError("invalid SHARNNConfig: " + "; ".join(problems))
 
@@ -98,79 +97,94 @@ class SHARNNConfig:
 
     @classmethod
     def cpu(cls, **overrides) -> "SHARNNConfig":
-        """Trains meaningfully in minutes on 2 CPU cores: 3 blocks, 256 wide, memory 1024."""
-        return replace(cls(d_model=256, n_layers=3, memory_len=1024, dropout_input=0.0,
-                           dropout_hidden=0.0, dropout_output=0.0), **overrides)
+        """Trains meaningfully in minutes on 2 CPU cores: 3 blocks, 256 wide, memory 1024.
+
+        The shape every model's cpu preset shares (LSTMConfig.cpu: the same width and depth;
+        ShatterConfig.cpu: the same width and memory, sized to SHAQ's parameters), checked for
+        SHAQ against memory 512 in the sweep of TrainConfig.cpu."""
+        return replace(
+            cls(
+                d_model=256,
+                n_layers=3,
+                memory_len=1024,
+                dropout_input=0.0,
+                dropout_hidden=0.0,
+                dropout_output=0.0,
+            ),
+            **overrides,
+        )
 
     @classmethod
     def smoke(cls, **overrides) -> "SHARNNConfig":
         """Runs a few steps in seconds: 2 blocks, 64 wide, memory 128."""
-        return replace(cls(d_model=64, n_layers=2, memory_len=128, dropout_input=0.0,
-                           dropout_hidden=0.0, dropout_output=0.0), **overrides)
+        return replace(
+            cls(
+                d_model=64,
+                n_layers=2,
+                memory_len=128,
+                dropout_input=0.0,
+                dropout_hidden=0.0,
+                dropout_output=0.0,
+            ),
+            **overrides,
+        )
+
+
+@dataclass
+class LSTMConfig(ModelConfig):
+    """The shape of an LSTMLM: d_model is the width of the embedding and of every LSTM layer.
+    Presets: `paper()`, `cpu()`, `smoke()`, as wide and deep as SHARNNConfig's."""
+
+    vocab_size: int = 256
+    d_model: int = 1024
+    n_layers: int = 4
+    dropout_input: float = 0.1  # on the embeddings
+    dropout_hidden: float = 0.1  # between LSTM layers
+    dropout_output: float = 0.1  # before the tied softmax
+
+    def __post_init__(self):
+        problems = common_problems(self)
+        if problems:
+            raise ValueError("invalid LSTMConfig: " + "; ".join(problems))
 
     @classmethod
-    def preset(cls, name: str, **overrides) -> "SHARNNConfig":
-        """A preset by name: 'paper', 'cpu' or 'smoke'."""
-        presets = {"paper": cls.paper, "cpu": cls.cpu, "smoke": cls.smoke}
-        if name not in presets:
-            raise ValueError(f"unknown preset {name!r}; choose one of {sorted(presets)}")
-        return presets[name](**overrides)
+    def paper(cls, **overrides) -> "LSTMConfig":
+        """SHA-RNN's paper size without attention or Boom: 4 LSTMs, 1024 wide."""
+        return cls(**overrides)
 
-    def to_dict(self) -> dict:
-        d = {f.name: getattr(self, f.name) for f in fields(self)}
-        d["attention_layers"] = list(d["attention_layers"]) if d["attention_layers"] is not None else None
-        return d
+    @classmethod
+    def cpu(cls, **overrides) -> "LSTMConfig":
+        """3 LSTMs, 256 wide, no dropout."""
+        return replace(
+            cls(d_model=256, n_layers=3, dropout_input=0.0, dropout_hidden=0.0, dropout_output=0.0),
+            **overrides,
+        )
+
+    @classmethod
+    def smoke(cls, **overrides) -> "LSTMConfig":
+        """2 LSTMs, 64 wide, no dropout."""
+        return replace(
+            cls(d_model=64, n_layers=2, dropout_input=0.0, dropout_hidden=0.0, dropout_output=0.0),
+            **overrides,
+        )
+
+    @classmethod
+    def from_dict(cls, saved: dict) -> "LSTMConfig":
+        """The config that `to_dict` gave. LSTMLMs saved before LSTMConfig existed have a whole
+        SHARNNConfig as their config: its other fields, which LSTMLM never read, are dropped."""
+        ours = {f.name for f in fields(cls)}
+        extra = set(saved) - ours
+        if extra and extra <= {f.name for f in fields(SHARNNConfig)}:
+            saved = {key: value for key, value in saved.items() if key in ours}
+        return cls(**saved)
 
 
 # ----------------------------------------------------------------------------- state
 
 
-@dataclass
-class State:
-    """What a model carries from one segment to the next.
-
-    Attributes:
-        rnn: one entry per recurrent layer, an `LSTMState` or a `QRNNState`.
-        memory: one entry per block: [B, M, d] normalised states of earlier positions for blocks
-            with attention, None for the others.
-    """
-
-    rnn: list[LSTMState | QRNNState]
-    memory: list[torch.Tensor | None] = field(default_factory=list)
-
-    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "State":
-        """This state with `fn` applied to every tensor: a detach, a move, one process's rows, ..."""
-        return State(rnn=[type(layer)(*map(fn, layer)) for layer in self.rnn],
-                     memory=[None if m is None else fn(m) for m in self.memory])
-
-    def to_dict(self) -> dict:
-        """Plain dicts and lists of tensors, e.g. rnn [{"kind": "LSTMState", "h": .., "c": ..}]."""
-        return {"rnn": [{"kind": type(layer).__name__, **layer._asdict()} for layer in self.rnn],
-                "memory": list(self.memory)}
-
-    @classmethod
-    def from_dict(cls, saved: dict) -> "State":
-        """The State that `to_dict` gave."""
-        kinds = {kind.__name__: kind for kind in (LSTMState, QRNNState)}
-        rnn = [kinds[layer["kind"]](*(layer[name] for name in kinds[layer["kind"]]._fields)) for layer in saved["rnn"]]
-        return cls(rnn=rnn, memory=list(saved["memory"]))
-
-
 def detach(state: State | None) -> State | None:
     """Cut the autograd graph of a state (truncated backpropagation through time)."""
     return None if state is None else state.map(torch.Tensor.detach)
-
-
-@dataclass
-class ModelOutput:
-    """logits [B, T, 256]; loss: mean cross-entropy in nats per byte (None without targets);
-    state: to pass to the next segment; attention: one [B, T, M + T] tensor per attention
-    layer when asked for, else None."""
-
-    logits: torch.Tensor
-    loss: torch.Tensor | None
-    state: State
-    attention: list[torch.Tensor] | None = None
 
 
 # ----------------------------------------------------------------------------- blocks
@@ -193,13 +207,18 @@ class SHABlock(nn.Module):
         if use_attention:
             self.ln_mid = nn.LayerNorm(d, eps=1e-12)
             self.ln_mem = nn.LayerNorm(d, eps=1e-12)
-            self.attention = SingleHeadAttention(d, dropout=config.dropout_hidden, overparam=config.overparam)
+            self.attention = SingleHeadAttention(
+                d, dropout=config.dropout_hidden, overparam=config.overparam
+            )
         self.ln_xff = nn.LayerNorm(d, eps=1e-12)
         self.ln_ff = nn.LayerNorm(d, eps=1e-12)
-        self.boom = Boom(d, config.boom_expansion, dropout=config.dropout_hidden, shortcut=config.boom_shortcut)
+        self.boom = Boom(
+            d, config.boom_expansion, dropout=config.dropout_hidden, shortcut=config.boom_shortcut
+        )
 
     def forward(self, x, rnn_state, memory, return_attention):
-        """x [B, T, d] -> (y [B, T, d], new rnn_state, new memory [B, M', d] or None, weights or None)."""
+        """x [B, T, d] -> (y [B, T, d], new rnn_state, new memory [B, M', d] or None, weights or
+        None)."""
         u = self.ln_start(x)
         h, rnn_state = self.rnn(u, rnn_state)
         h = self.drop(h)
@@ -219,7 +238,7 @@ class SHABlock(nn.Module):
                 kv = m
             y, weights = self.attention(a, kv, return_weights=return_attention, frozen=frozen)
             h = self.drop(y) + a
-            memory = kv[:, -self.config.memory_len:] if self.config.memory_len > 0 else kv[:, :0]
+            memory = kv[:, -self.config.memory_len :] if self.config.memory_len > 0 else kv[:, :0]
         h = self.ln_ff(h) + self.drop(self.boom(self.ln_xff(h)))
         return h, rnn_state, memory, weights
 
@@ -227,104 +246,24 @@ class SHABlock(nn.Module):
 # ----------------------------------------------------------------------------- models
 
 
-class _ByteLM(nn.Module):
-    """Shared parts: tied embedding/softmax, initialisation, input checks, the loss."""
-
-    def __init__(self, config: SHARNNConfig):
-        super().__init__()
-        self.config = config
-        self.embedding = nn.Embedding(config.vocab_size, config.d_model)
-        self.drop_input = Dropout(config.dropout_input)
-        self.drop_output = Dropout(config.dropout_output)
-        self.decoder_bias = nn.Parameter(torch.zeros(config.vocab_size))
-
-    def init_weights(self) -> None:
-        """The reference's initialisation: every Linear and the embedding N(0, 0.1/sqrt(d)),
-        biases 0, LayerNorm gains 1 and biases 0. Recurrent layers keep PyTorch's default
-        (the reference never touched its LSTM; our QRNN follows the LSTM there).
-
-        Trap avoided: the reference's LayerNorms were apex modules its init rule did not
-        match, so their gains stayed 1. Re-initialising torch LayerNorm gains like the
-        Linears (std 0.003) would silently switch the network off.
-        """
-        std = 0.1 / math.sqrt(self.config.d_model)
-        recurrent = {id(p) for m in self.modules() if isinstance(m, (nn.LSTM, QRNN)) for p in m.parameters()}
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)) and id(module.weight) not in recurrent:
-                nn.init.normal_(module.weight, mean=0.0, std=std)
-                if getattr(module, "bias", None) is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.LayerNorm):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
-
-    def check_inputs(self, x: torch.Tensor, targets: torch.Tensor | None, state: State | None) -> torch.Tensor:
-        """Validate x (and targets, state) and return x as int64 [B, T]."""
-        if not isinstance(x, torch.Tensor):
-            raise ValueError(f"x must be a tensor of byte values [B, T], got {type(x).__name__}")
-        if x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool:
-            raise ValueError(f"x must hold integer byte values 0..255 (uint8 or int64), got dtype {x.dtype}")
-        if x.dim() != 2 or x.shape[1] == 0:
-            raise ValueError(f"x must be [B, T] with T >= 1 (batch-first), got shape {tuple(x.shape)}")
-        if x.dtype != torch.uint8 and x.numel() and (x.min() < 0 or x.max() >= self.config.vocab_size):
-            raise ValueError(f"x must hold byte values 0..255, got values in [{int(x.min())}, {int(x.max())}]")
-        if targets is not None:
-            if not isinstance(targets, torch.Tensor) or targets.shape != x.shape:
-                shape = tuple(targets.shape) if isinstance(targets, torch.Tensor) else type(targets).__name__
-                raise ValueError(f"targets must have the shape of x {tuple(x.shape)}, got {shape}")
-            if targets.dtype.is_floating_point or targets.dtype == torch.bool:
-                raise ValueError(f"targets must hold integer byte values, got dtype {targets.dtype}")
-        if state is not None:
-            self.check_state(state, x.shape[0])
-        return x.long()
-
-    def check_state(self, state: State, batch_size: int) -> None:
-        """Raise ValueError unless `state` was made by a model of this shape for this batch size."""
-        if not isinstance(state, State):
-            raise ValueError(f"state must be a shaq.models.State (from a previous output), got {type(state).__name__}")
-        rnns = self.recurrent_layers()
-        if len(state.rnn) != len(rnns) or len(state.memory) != len(state.rnn):
-            raise ValueError(
-                f"state has {len(state.rnn)} recurrent layers, this model has {len(rnns)}: "
-                "it comes from another model; start with state=None")
-        for i, (pair, rnn) in enumerate(zip(state.rnn, rnns)):
-            kind = LSTMState if isinstance(rnn, nn.LSTM) else QRNNState
-            if not isinstance(pair, kind):
-                raise ValueError(
-                    f"state of layer {i} is a {type(pair).__name__}, this model's layer {i} needs a "
-                    f"{kind.__name__}: the state comes from another model; start with state=None")
-            a, b = pair
-            hidden = rnn.hidden_size
-            expected_b = hidden if isinstance(rnn, nn.LSTM) else rnn.input_size
-            if a.shape != (batch_size, hidden) or b.shape != (batch_size, expected_b):
-                raise ValueError(
-                    f"state of layer {i} has shapes {tuple(a.shape)} and {tuple(b.shape)}, expected "
-                    f"({batch_size}, {hidden}) and ({batch_size}, {expected_b}): it comes from another "
-                    "batch size or model; start with state=None")
-
-    def recurrent_layers(self) -> list[nn.Module]:
-        raise NotImplementedError
-
-    def logits_and_loss(self, h: torch.Tensor, targets: torch.Tensor | None):
-        """Tied softmax: logits = h E^T + b. Loss in float32, mean nats per byte."""
-        logits = Linear.functional(self.drop_output(h), self.embedding.weight, self.decoder_bias)  # [B, T, 256]
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.long().flatten())
-        return logits, loss
-
-
 class SHARNN(_ByteLM):
     """SHA-RNN (Merity, 2019): blocks of [LSTM, optional single-head attention, Boom]."""
 
     name = "sharnn"
+    config_class = SHARNNConfig
 
     def __init__(self, config: SHARNNConfig):
-        check_model_choice(self.name, config)
         super().__init__(config)
         attention = set(config.attention_blocks)
-        self.blocks = nn.ModuleList(SHABlock(config, i in attention) for i in range(config.n_layers))
+        self.blocks = nn.ModuleList(
+            SHABlock(config, i in attention) for i in range(config.n_layers)
+        )
         self.init_weights()
+
+    @classmethod
+    def check_config(cls, config: ModelConfig) -> None:
+        super().check_config(config)
+        check_model_choice(cls.name, config)
 
     def recurrent_layers(self) -> list[nn.Module]:
         return [block.rnn for block in self.blocks]
@@ -349,7 +288,9 @@ class SHARNN(_ByteLM):
             if weights is not None:
                 attention.append(weights)
         logits, loss = self.logits_and_loss(h, targets)
-        return ModelOutput(logits, loss, State(rnn_states, memories), attention if return_attention else None)
+        return ModelOutput(
+            logits, loss, State(rnn_states, memories), attention if return_attention else None
+        )
 
 
 class SHAQ(SHARNN):
@@ -358,6 +299,7 @@ class SHAQ(SHARNN):
     name = "shaq"
 
     def __init__(self, config: SHARNNConfig):
+        self.check_config(config)
         super().__init__(replace(config, rnn="qrnn"))
 
 
@@ -368,9 +310,9 @@ class LSTMLM(_ByteLM):
     """
 
     name = "lstm"
+    config_class = LSTMConfig
 
-    def __init__(self, config: SHARNNConfig):
-        check_model_choice(self.name, config)
+    def __init__(self, config: LSTMConfig):
         super().__init__(config)
         d = config.d_model
         self.layers = nn.ModuleList(LSTM(d, d) for _ in range(config.n_layers))
@@ -400,7 +342,19 @@ class LSTMLM(_ByteLM):
         return ModelOutput(logits, loss, State(rnn_states, [None] * len(rnn_states)), None)
 
 
-MODELS = {"sharnn": SHARNN, "shaq": SHAQ, "lstm": LSTMLM}
+# ----------------------------------------------------------------------------- the registry
+
+# Every model by the name it goes by. A new model is its class (naming its config class) and a
+# line here.
+MODELS: dict[str, type[_ByteLM]] = {
+    model.name: model
+    for model in (
+        SHARNN,
+        SHAQ,
+        LSTMLM,
+        ShatterLM,
+    )
+}
 # The recurrent layer is the model's choice: the name picks the model, and with it this.
 RNN_OF_MODEL = {"sharnn": "lstm", "shaq": "qrnn", "lstm": "lstm"}
 
@@ -411,12 +365,37 @@ def check_model_choice(name: str, config: SHARNNConfig) -> None:
     if name == "shaq" or config.rnn == RNN_OF_MODEL[name]:
         return
     raise ValueError(
-        f"model {name!r} has {RNN_OF_MODEL[name].upper()} layers but the config asks for rnn={config.rnn!r}: the "
-        "model's name picks its recurrent layer (sharnn: LSTM, shaq: QRNN, lstm: LSTM); for QRNNs use 'shaq'")
+        f"model {name!r} has {RNN_OF_MODEL[name].upper()} layers but the config asks for "
+        f"rnn={config.rnn!r}: the model's name picks its recurrent layer (sharnn: LSTM, shaq: "
+        "QRNN, lstm: LSTM); for QRNNs use 'shaq'"
+    )
 
 
-def build_model(name: str, config: SHARNNConfig) -> nn.Module:
-    """A model by name: 'sharnn', 'shaq' or 'lstm'."""
+def model_class(name: str) -> type[_ByteLM]:
+    """The class of the model `name`: 'sharnn', 'shaq', 'lstm' or 'shatter'."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
-    return MODELS[name](config)
+    return MODELS[name]
+
+
+def model_config(name: str, preset: str, **overrides) -> ModelConfig:
+    """The `preset` ('paper', 'cpu' or 'smoke') of model `name`'s config, with `overrides`."""
+    config_class = model_class(name).config_class
+    unknown = sorted(set(overrides) - {f.name for f in fields(config_class)})
+    if unknown:
+        raise ValueError(
+            f"{config_class.__name__}, the config of model {name!r}, has no field "
+            f"{', '.join(unknown)}; its fields: {', '.join(f.name for f in fields(config_class))}"
+        )
+    return config_class.preset(preset, **overrides)
+
+
+def config_from_dict(name: str, saved: dict) -> ModelConfig:
+    """Model `name`'s config from the dict its `to_dict` gave (a checkpoint's model_config)."""
+    return model_class(name).config_class.from_dict(saved)
+
+
+def build_model(name: str, config: ModelConfig) -> nn.Module:
+    """A model by name: 'sharnn', 'shaq', 'lstm' or 'shatter'; ValueError if `config` is of
+    another class."""
+    return model_class(name)(config)

@@ -60,8 +60,13 @@ class LAMB(Optimizer):
         if not max_weight_norm > 0.0:
             raise ValueError(f"LAMB max_weight_norm must be > 0, got {max_weight_norm}")
         defaults = dict(
-            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, min_trust=min_trust,
-            max_weight_norm=max_weight_norm, adam=adam,
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            min_trust=min_trust,
+            max_weight_norm=max_weight_norm,
+            adam=adam,
         )
         super().__init__(params, defaults)
 
@@ -99,9 +104,15 @@ class LAMB(Optimizer):
                     trust = torch.ones_like(weight_norm)
                 else:
                     either_zero = (weight_norm == 0) | (update_norm == 0)
-                    trust = torch.where(either_zero, torch.ones_like(weight_norm), weight_norm / update_norm)
+                    trust = torch.where(
+                        either_zero, torch.ones_like(weight_norm), weight_norm / update_norm
+                    )
                     if group["min_trust"] is not None:
                         trust = trust.clamp(min=group["min_trust"])
-                state["weight_norm"], state["update_norm"], state["trust_ratio"] = weight_norm, update_norm, trust
+                state["weight_norm"], state["update_norm"], state["trust_ratio"] = (
+                    weight_norm,
+                    update_norm,
+                    trust,
+                )
                 p.sub_(update.mul_(trust * group["lr"]))
         return loss

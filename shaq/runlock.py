@@ -45,7 +45,9 @@ class RunLock:
         if fcntl is None:
             return
         while True:
-            file = open(self.path, "a+")  # creates it if need be; reads from anywhere, writes at the end
+            file = open(
+                self.path, "a+"
+            )  # creates it if need be; reads from anywhere, writes at the end
             try:
                 fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -63,8 +65,16 @@ class RunLock:
                 break
             file.close()
         file.truncate(0)
-        file.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                               "command": " ".join(sys.argv), "since": time.strftime("%Y-%m-%d %H:%M:%S")}))
+        file.write(
+            json.dumps(
+                {
+                    "pid": os.getpid(),
+                    "host": socket.gethostname(),
+                    "command": " ".join(sys.argv),
+                    "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+                }
+            )
+        )
         file.flush()
         # A finalizer, so that a lock nobody released (a Trainer built and dropped without fit)
         # is released all the same, file and all, when it is collected or the interpreter exits.
@@ -83,7 +93,8 @@ def _let_go(path: Path, file: TextIO) -> None:
 
 
 def check_not_locked(folder: str | os.PathLike) -> None:
-    """Raise RunLockError now if a process holds the run folder `folder` (when it exists); hold nothing.
+    """Raise RunLockError now if a process holds the run folder `folder` (when it exists); hold
+    nothing.
 
     For the checks a process makes before it has work to lose (loading data, a checkpoint);
     the RunLock it takes to write is what keeps the others out.
@@ -98,11 +109,18 @@ def _busy_message(folder: Path, holder: str) -> str:
         info = json.loads(holder)
         pid, host, command, since = info["pid"], info["host"], info["command"], info["since"]
     except (ValueError, KeyError, TypeError):  # the holder is between its flock and its write
-        return (f"{folder} is being written by another process (it has not said which yet); one process "
-                "at a time may write a run folder: wait for it to finish or choose another --out")
+        return (
+            f"{folder} is being written by another process (it has not said which yet); one "
+            "process at a time may write a run folder: wait for it to finish or choose "
+            "another --out"
+        )
     if pid == os.getpid() and host == socket.gethostname():
-        return (f"{folder} is held by another Trainer in this process (pid {pid}): let its fit() finish "
-                "or call its close() first")
-    return (f"{folder} is being written by process {pid} on {host} since {since} ({command}); one process "
-            f"at a time may write a run folder: wait for it to finish, stop it (kill -TERM {pid} saves "
-            "last.pt and exits), or choose another --out")
+        return (
+            f"{folder} is held by another Trainer in this process (pid {pid}): let its fit() "
+            "finish or call its close() first"
+        )
+    return (
+        f"{folder} is being written by process {pid} on {host} since {since} ({command}); one "
+        "process at a time may write a run folder: wait for it to finish, stop it (kill -TERM "
+        f"{pid} saves last.pt and exits), or choose another --out"
+    )

@@ -4,6 +4,8 @@ No test here judges speed: timings on a shared CI machine mean nothing.
 """
 
 import json
+import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -11,16 +13,28 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import shaq.nn.switches as switches
 from shaq.bench import SECTIONS, CpuMonitor, PeakMemory, ReferenceStyleSHARNN, format_section, main
-from shaq.bench.report import FORMATTERS
+from shaq.bench.report import FORMATTERS, table
+from shaq.bench.sections import StepShape, quick_plan
+from shaq.byte_lm import State
 from shaq.flops import model_flops_per_byte, train_flops_per_byte
 from shaq.models import SHAQ, SHARNN, SHARNNConfig
+from shaq.shatter import ShatterConfig, ShatterLM
 
 
 def test_quick_run_writes_json_with_positive_numbers(tmp_path):
     path = tmp_path / "bench.json"
     results = main(["--quick", "--device", "cpu", "--no-malloc-tuning", "--json", str(path)])
     assert json.loads(path.read_text()) == json.loads(json.dumps(results))
-    for key in ("meta", "contention", "matmul_peak", "rnn", "forget_mult", "attention", "step"):
+    for key in (
+        "meta",
+        "contention",
+        "matmul_peak",
+        "rnn",
+        "forget_mult",
+        "attention",
+        "step",
+        "trainer",
+    ):
         assert key in results, key
     assert results["matmul_peak"]["peak_gflops"] > 0
     assert isinstance(results["contention"]["quiet"], bool) and results["contention"]["summary"]
@@ -33,11 +47,31 @@ def test_quick_run_writes_json_with_positive_numbers(tmp_path):
     assert [row["memory"] for row in results["attention"]] == [0, 64, 256]
     assert all(row["ours_s"] > 0 and row["reference_s"] > 0 for row in results["attention"])
     for entry in results["step"]:
-        assert set(entry["models"]) == {"shaq", "sharnn", "reference"}
+        assert set(entry["models"]) == {"shaq", "sharnn", "reference", "shatter"}
         for m in entry["models"].values():
             assert m["bytes_per_s"] > 0 and m["mfu"] > 0 and m["train_flops_per_byte"] > 0
             assert m["peak_memory_mb"] is None or m["peak_memory_mb"] > 0
         assert entry["shaq_over_sharnn"] > 0 and entry["sharnn_over_reference"] > 0
+        m = entry["models"]
+        assert entry["shatter_over_shaq"] == m["shatter"]["bytes_per_s"] / m["shaq"]["bytes_per_s"]
+        assert m["shaq"]["config"]["rnn"] == "qrnn" and "n_partitions" in m["shatter"]["config"]
+    trainer = results["trainer"]
+    shape = quick_plan().trainer
+    # SHAQ's smoke memory (128) fills in 128 / 32 steps; then the shape's warm-up.
+    assert trainer["untimed_steps"] == math.ceil(128 / shape.seq_len) + shape.warmup
+    assert trainer["timed_steps"] == shape.repeats
+    assert trainer["trainer_bytes_per_s"] > 0 and trainer["isolated_bytes_per_s"] > 0
+    assert trainer["ratio"] == trainer["trainer_bytes_per_s"] / trainer["isolated_bytes_per_s"]
+    assert trainer["met"] == (trainer["ratio"] >= 0.95)
+    assert "Trainer / isolated step" in format_section("trainer", trainer)
+
+
+def test_a_step_shape_gives_each_model_its_config_at_the_shape_preset():
+    overrides = {"d_model": 128, "memory_len": 512}
+    shape = StepShape("x", "cpu", 16, 256, warmup=1, repeats=1, overrides=overrides)
+    assert shape.config("shatter") == ShatterConfig.cpu(**overrides)
+    assert shape.config("shaq") == shape.config("sharnn") == SHARNNConfig.cpu(**overrides)
+    assert shape.config("reference") == shape.config("sharnn")  # the reference re-creates SHARNN
 
 
 @pytest.mark.parametrize("attention_layers", [None, (0, 1, 2)])
@@ -57,7 +91,9 @@ def test_reference_style_model_computes_the_same_function_as_sharnn(attention_la
     with torch.no_grad():
         for segment in x.split(5, dim=1):
             out = model(segment, state, targets=segment)
-            logits, loss, hidden, memory = reference(segment.t(), hidden, memory, targets=segment.t())
+            logits, loss, hidden, memory = reference(
+                segment.t(), hidden, memory, targets=segment.t()
+            )
             assert torch.allclose(logits.transpose(0, 1), out.logits, atol=1e-5)
             assert torch.allclose(loss, out.loss, atol=1e-6)
             state = out.state
@@ -90,9 +126,12 @@ def test_flop_count_matches_a_hand_count():
     expected = 2 * (lstm + boom) + attention + softmax
     assert model_flops_per_byte(config, seq_len=4, memory=6) == expected == 7312
     qrnn2 = 2 * (2 * 8) * (3 * 8)  # window 2: [x_t; x_{t-1}] to z, f, o: 768
-    shaq = SHARNNConfig(d_model=8, n_layers=2, boom_expansion=3, attention_layers=(0,), rnn="qrnn",
-                        qrnn_window=2)
-    assert model_flops_per_byte(shaq, seq_len=4, memory=6) == 2 * (qrnn2 + boom) + attention + softmax
+    shaq = SHARNNConfig(
+        d_model=8, n_layers=2, boom_expansion=3, attention_layers=(0,), rnn="qrnn", qrnn_window=2
+    )
+    assert (
+        model_flops_per_byte(shaq, seq_len=4, memory=6) == 2 * (qrnn2 + boom) + attention + softmax
+    )
 
 
 def test_flop_count_agrees_with_torch_flop_counter(monkeypatch):
@@ -103,14 +142,66 @@ def test_flop_count_agrees_with_torch_flop_counter(monkeypatch):
     x = torch.randint(0, 256, (2, 8))
     with FlopCounterMode(display=False) as counter:
         model(x, targets=x).loss.backward()
-    assert counter.get_total_flops() == 3 * model_flops_per_byte(config, seq_len=8, memory=0) * 2 * 8
-    assert train_flops_per_byte(config, seq_len=8, memory=0) == 3 * model_flops_per_byte(config, 8, 0)
+    assert (
+        counter.get_total_flops() == 3 * model_flops_per_byte(config, seq_len=8, memory=0) * 2 * 8
+    )
+    assert train_flops_per_byte(config, seq_len=8, memory=0) == 3 * model_flops_per_byte(
+        config, 8, 0
+    )
+
+
+def test_shatter_flop_count_matches_a_hand_count():
+    # d = 8, N = 2, K = 3 partitions, V = 256, two blocks (both attend), T = 4, M = 6.
+    config = ShatterConfig(d_model=8, n_layers=2, n_partitions=3, ff_expansion=2, memory_len=10)
+    keys = 6 + (1 + 2 + 3 + 4) / 4  # every query sees the 6 memory positions and 1..4 of its own
+    query = 2 * 8 * 8  # 128
+    scores = 2 * 8 * keys  # 136
+    sums = 3 * 2 * 8 * keys  # the three partition-weighted sums, 8 wide: 408
+    values = 2 * 24 * 8  # the stacked value matrices, 3 * 8 -> 8: 384
+    mlp = 2 * 8 * 16 + 2 * 16 * 8  # 512
+    softmax = 2 * 8 * 256  # 4096
+    expected = 2 * (query + scores + sums + values + mlp) + softmax
+    assert model_flops_per_byte(config, seq_len=4, memory=6) == expected == 7232
+    boom = replace(config, ff="boom")
+    assert model_flops_per_byte(boom, seq_len=4, memory=6) == expected - 2 * (2 * 16 * 8)
+    assert train_flops_per_byte(config, seq_len=4, memory=6) == 3 * expected
+
+
+def test_shatter_flop_count_agrees_with_torch_flop_counter(monkeypatch):
+    """3x the forward as PyTorch counts it, less what the code spends on masked future keys.
+
+    The attention multiplies every query with all M + T keys and zeroes the future afterwards;
+    the FLOP model counts the M + (T + 1) / 2 keys a query sees on average.
+    """
+    monkeypatch.setattr(switches, "use_onednn", False)  # the counter knows aten's matmuls only
+    d, B, T = 16, 2, 8
+    config = ShatterConfig.smoke(d_model=d, ff_expansion=2, memory_len=20)
+    model = ShatterLM(config)
+    memory = [torch.randn(B, config.memory_len, d) for _ in range(config.n_layers)]
+    x = torch.randint(0, 256, (B, T))
+    with FlopCounterMode(display=False) as counter:
+        model(x, State(rnn=[], memory=memory), targets=x).loss.backward()
+    M = config.memory_len - T  # what a block keeps of a full memory
+    future = (T - 1) / 2  # keys after a query, on average
+    masked = config.n_layers * (2 * d + 2 * config.n_partitions * d) * future  # scores and sums
+    assert counter.get_total_flops() == 3 * B * T * (model_flops_per_byte(config, T, M) + masked)
 
 
 def test_every_section_has_a_formatter():
     assert set(FORMATTERS) == {"matmul_peak", *SECTIONS, "compile", "profile"}
     with pytest.raises(ValueError, match="no table"):
         format_section("nonsense", {})
+
+
+def test_bench_tables_round_by_size_and_align_numbers_right():
+    rows = [["paper", 123456.7, 0.01234, "8%"], ["cpu", 99.5, 1.5, "13%"]]
+    text = table(["shape", "B/s", "ms", "MFU"], rows)
+    assert text.splitlines() == [
+        "shape      B/s      ms  MFU",
+        "-----  -------  ------  ---",
+        "paper  123,457  0.0123   8%",
+        "cpu      99.50    1.50  13%",
+    ]
 
 
 def test_cpu_monitor_and_peak_memory_measure_something():
@@ -126,7 +217,9 @@ def test_cpu_monitor_and_peak_memory_measure_something():
 
 def test_profile_splits_a_step_into_phases_and_operators():
     results = main(["--quick", "--device", "cpu", "--no-malloc-tuning", "--profile", "smoke"])
-    assert set(results) >= {"matmul_peak", "profile"} and "rnn" not in results  # --profile runs alone
+    assert (
+        set(results) >= {"matmul_peak", "profile"} and "rnn" not in results
+    )  # --profile runs alone
     assert [r["model"] for r in results["profile"]] == ["shaq", "sharnn"]
     for r in results["profile"]:
         assert set(r["phases_s"]) == {"forward", "backward", "clip", "optimizer"}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import http.server
 import io
@@ -9,6 +10,8 @@ import random
 import socket
 import threading
 import time
+import urllib.error
+import urllib.request
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,12 +19,15 @@ from pathlib import Path
 import pytest
 import torch
 
+import shaq.data
 from shaq.data import (
+    STANDIN_NAME,
     Corpus,
     DataError,
     batchify,
     get_segment,
     iterate_segments,
+    load_corpus,
     load_enwik8,
     load_standin,
     segment_length,
@@ -280,6 +286,69 @@ def test_standin_max_bytes() -> None:
 
 
 # ----------------------------------------------------------------------------------------------
+# load_corpus: a corpus by name
+
+
+@pytest.fixture
+def offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No network: every download fails at once, as on a machine without one."""
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise urllib.error.URLError("no network here")
+
+    monkeypatch.setattr(urllib.request, "urlopen", refuse)
+
+
+def test_load_corpus_standin_never_touches_the_data_folder(tmp_path: Path, offline: None) -> None:
+    corpus = load_corpus("standin", tmp_path / "data", max_bytes=1000)
+    assert corpus.name == STANDIN_NAME and joined(corpus) == joined(load_standin(max_bytes=1000))
+    assert not (tmp_path / "data").exists()
+
+
+def test_load_corpus_auto_takes_enwik8_when_it_can_be_had(
+    server: LocalServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+) -> None:
+    url = server.serve("/enwik8.zip", ZIP)  # the small PAYLOAD plays enwik8
+    expected = {"zip_size": len(ZIP), "size": len(PAYLOAD), "md5": PAYLOAD_MD5}
+    small = functools.partial(load_enwik8, url=url, **expected)
+    monkeypatch.setattr(shaq.data, "load_enwik8", small)
+    for name in ("auto", "enwik8"):
+        corpus = load_corpus(name, tmp_path)
+        assert corpus.name == "enwik8" and joined(corpus) == PAYLOAD
+    assert capsys.readouterr().out == ""  # nothing to say when enwik8 is there
+
+
+def test_load_corpus_auto_without_enwik8_falls_back_with_a_notice(
+    tmp_path: Path, offline: None, capsys: pytest.CaptureFixture
+) -> None:
+    corpus = load_corpus("auto", tmp_path, max_bytes=1000)
+    assert corpus.name == STANDIN_NAME and sum(sizes(corpus)) == 1000
+    out = capsys.readouterr().out
+    assert "enwik8 is not available (could not download" in out and "by hand" in out
+    assert "training on the offline stand-in instead" in out
+    assert load_corpus("auto", tmp_path, max_bytes=1000, verbose=False).name == STANDIN_NAME
+    assert capsys.readouterr().out == ""
+    assert files(tmp_path) == []
+
+
+def test_load_corpus_enwik8_missing_raises_what_to_do(tmp_path: Path, offline: None) -> None:
+    with pytest.raises(DataError, match="could not download") as error:
+        load_corpus("enwik8", tmp_path)
+    assert "--data standin" in str(error.value) and str(tmp_path / "enwik8.zip") in str(error.value)
+    assert files(tmp_path) == []
+
+
+def test_load_corpus_arguments() -> None:
+    with pytest.raises(ValueError, match="standin, enwik8, auto.*'wiki'"):
+        load_corpus("wiki")
+    with pytest.raises(ValueError, match="stand-in only"):
+        load_corpus("enwik8", max_bytes=1000)
+
+
+# ----------------------------------------------------------------------------------------------
 # batchify and segments
 
 
@@ -362,7 +431,7 @@ def test_segment_cursor_and_generator_resume_exactly() -> None:
     resumed_generator.set_state(saved[1])
     resumed = [x for x, _ in iterate_segments(batched, 32, saved[0], True, resumed_generator)]
     assert len(resumed) == len(reference) - 5
-    assert all(torch.equal(a, b) for a, b in zip(resumed, reference[5:]))
+    assert all(torch.equal(a, b) for a, b in zip(resumed, reference[5:], strict=True))
 
 
 def test_segment_length_arguments() -> None:

@@ -30,9 +30,12 @@ def test_onednn_linear_matches_torch(transposed_input):
     expected, expected_grads = grads(F.linear, x, w, b)
     got, got_grads = grads(onednn.linear, x.float(), w.float(), b.float())
     if onednn.onednn_available():  # it really ran on oneDNN
-        assert type(onednn.linear(x.float(), w.float().requires_grad_()).grad_fn).__name__ == "_LinearBackward"
+        assert (
+            type(onednn.linear(x.float(), w.float().requires_grad_()).grad_fn).__name__
+            == "_LinearBackward"
+        )
     assert torch.allclose(got.double(), expected, atol=1e-5)
-    for g, e in zip(got_grads, expected_grads):
+    for g, e in zip(got_grads, expected_grads, strict=True):
         assert torch.allclose(g.double(), e, atol=1e-5)
 
 
@@ -176,6 +179,8 @@ def test_wide_lstm_stays_float32_under_cpu_bf16_autocast(monkeypatch):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got, got_state = lstm(x.bfloat16(), LSTMState(*(s.bfloat16() for s in state)))
     assert got.dtype == torch.float32
-    torch.testing.assert_close(got, lstm(x.bfloat16().float(), LSTMState(*(s.bfloat16().float() for s in state)))[0])
+    torch.testing.assert_close(
+        got, lstm(x.bfloat16().float(), LSTMState(*(s.bfloat16().float() for s in state)))[0]
+    )
     assert torch.allclose(got, want, atol=2e-2) and all(s.dtype == torch.float32 for s in got_state)
     assert torch.allclose(got_state[1], want_state[1], atol=2e-2)

@@ -26,7 +26,9 @@ def impl(request, monkeypatch) -> str:
     else:
         monkeypatch.setattr(switches, "use_extension", False)
         monkeypatch.setattr(switches, "scan_mode", request.param)
-        assert fm._extension_for(probe) is None and fm._chunked(probe) == (request.param == "chunked")
+        assert fm._extension_for(probe) is None and fm._chunked(probe) == (
+            request.param == "chunked"
+        )
     return request.param
 
 
@@ -39,7 +41,11 @@ def _inputs(B: int, T: int, H: int, dtype=torch.float32, noncontiguous: bool = F
         if min(B, T, H) > 1:  # with a size-1 dim a transpose can still count as contiguous
             assert not (f.is_contiguous() or z.is_contiguous() or c0.is_contiguous())
     else:
-        f, z, c0 = torch.rand(B, T, H, dtype=dtype), torch.randn(B, T, H, dtype=dtype), torch.randn(B, H, dtype=dtype)
+        f, z, c0 = (
+            torch.rand(B, T, H, dtype=dtype),
+            torch.randn(B, T, H, dtype=dtype),
+            torch.randn(B, H, dtype=dtype),
+        )
     return [x.requires_grad_() for x in (f, z, c0)]
 
 
@@ -72,7 +78,7 @@ def test_forget_mult_matches_reference(impl, shape, noncontiguous, with_c0):
     c, grads = _value_and_grads(fm.forget_mult, inputs, grad_out)
     c_ref, grads_ref = _value_and_grads(fm.forget_mult_reference, inputs, grad_out)
     torch.testing.assert_close(c, c_ref)
-    for g, g_ref in zip(grads, grads_ref):
+    for g, g_ref in zip(grads, grads_ref, strict=True):
         torch.testing.assert_close(g, g_ref)
 
 
@@ -187,7 +193,9 @@ def test_qrnn_pool_matches_reference(impl, shape, output_gate, with_c0):
     grad_h, grad_c = torch.randn(B, T, H), torch.randn(B, H)
 
     def run(pool):
-        h, c_last = pool(*inputs, output_gate=output_gate) if with_c0 else pool(gates, None, output_gate)
+        h, c_last = (
+            pool(*inputs, output_gate=output_gate) if with_c0 else pool(gates, None, output_gate)
+        )
         grads = torch.autograd.grad([h, c_last], inputs, [grad_h, grad_c])
         return h.detach(), c_last.detach(), grads
 
@@ -196,7 +204,7 @@ def test_qrnn_pool_matches_reference(impl, shape, output_gate, with_c0):
     # The fused kernel's exp is a polynomial, so allow a few float32 ulps more than default.
     torch.testing.assert_close(h, h_ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(c_last, c_last_ref, atol=1e-5, rtol=1e-5)
-    for g, g_ref in zip(grads, grads_ref):
+    for g, g_ref in zip(grads, grads_ref, strict=True):
         torch.testing.assert_close(g, g_ref, atol=1e-5, rtol=1e-5)
 
 
@@ -219,14 +227,18 @@ def test_qrnn_pool_noncontiguous_and_bf16(impl):
     torch.testing.assert_close(h, h_ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(c_last, c_last_ref, atol=1e-5, rtol=1e-5)
     h_bf, c_last_bf = fm.qrnn_pool(gates.bfloat16())
-    assert h_bf.dtype == torch.bfloat16 and c_last_bf.dtype == torch.float32  # the carried cell stays float32
+    assert (
+        h_bf.dtype == torch.bfloat16 and c_last_bf.dtype == torch.float32
+    )  # the carried cell stays float32
     h_ref_bf, _ = fm.qrnn_pool_reference(gates.bfloat16().float())
     torch.testing.assert_close(h_bf.float(), h_ref_bf, atol=1e-2, rtol=1e-2)
 
 
 def test_qrnn_pool_extreme_preactivations(impl):
     """Saturated gates (|x| up to 1e4) give finite, correct values: no overflow in exp."""
-    gates = torch.tensor([[[1e4, -1e4, 1e4], [-1e4, 1e4, -1e4], [100.0, -100.0, 0.0]]])  # B=1, T=3, H=1
+    gates = torch.tensor(
+        [[[1e4, -1e4, 1e4], [-1e4, 1e4, -1e4], [100.0, -100.0, 0.0]]]
+    )  # B=1, T=3, H=1
     h, c_last = fm.qrnn_pool(gates, torch.full((1, 1), 0.5))
     # t=0: z=1, f=0 -> c=1, h=1.  t=1: f=1 keeps c=1, o=0 -> h=0.  t=2: z=1, f=0 -> c=1, o=0.5.
     torch.testing.assert_close(h, torch.tensor([[[1.0], [0.0], [0.5]]]))
@@ -237,7 +249,9 @@ def test_qrnn_pool_extreme_preactivations(impl):
 def test_cuda_matches_cpu():
     torch.manual_seed(9)
     f, z, c0 = (x.detach() for x in _inputs(2, 9, 5))
-    torch.testing.assert_close(fm.forget_mult(f.cuda(), z.cuda(), c0.cuda()).cpu(), fm.forget_mult(f, z, c0))
+    torch.testing.assert_close(
+        fm.forget_mult(f.cuda(), z.cuda(), c0.cuda()).cpu(), fm.forget_mult(f, z, c0)
+    )
     gates = torch.randn(2, 9, 15)
-    for got, want in zip(fm.qrnn_pool(gates.cuda()), fm.qrnn_pool(gates)):
+    for got, want in zip(fm.qrnn_pool(gates.cuda()), fm.qrnn_pool(gates), strict=True):
         torch.testing.assert_close(got.cpu(), want, atol=1e-5, rtol=1e-5)

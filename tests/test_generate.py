@@ -44,8 +44,13 @@ def test_top_p_keeps_the_nucleus_only():
 
 def test_bad_arguments():
     model = SHAQ(SHARNNConfig.smoke())
-    for kwargs in (dict(prompt=b"", n=1), dict(prompt="text", n=1), dict(prompt=b"a", n=-1),
-                   dict(prompt=b"a", n=1, temperature=-1), dict(prompt=b"a", n=1, top_p=0)):
+    for kwargs in (
+        dict(prompt=b"", n=1),
+        dict(prompt="text", n=1),
+        dict(prompt=b"a", n=-1),
+        dict(prompt=b"a", n=1, temperature=-1),
+        dict(prompt=b"a", n=1, top_p=0),
+    ):
         with pytest.raises(ValueError):
             generate(model, **kwargs)
 

@@ -1,4 +1,5 @@
-"""`python -m shaq.gpu_check` on the CPU: the smoke path that CI runs, and failures that must fail it.
+"""`python -m shaq.gpu_check` on the CPU: the smoke path that CI runs, and failures that must
+fail it.
 
 The paper-shape GPU path needs a GPU; these tests cover what a CPU can: the table, the JSON, the
 statement that the GPU figures are absent, the exit status, and how each check decides.
@@ -36,8 +37,12 @@ def test_cpu_smoke_run_passes_and_says_the_gpu_figures_are_absent(tmp_path, caps
     assert rows["CUDA tests"][3] == "skipped (--skip-tests)"
     layer = "one layer fwd+bwd: nn.LSTM vs QRNN"
     assert [rows[layer][1], rows[f"{layer} #2"][1]] == ["fp32", "bf16 autocast"]
-    assert rows["training step: SHAQ"][0] == "smoke, B 4 x T 64" and "training step: SHA-RNN" in rows
-    training = next(check for check in rows if check.startswith("20 training steps (Trainer, standin"))
+    assert (
+        rows["training step: SHAQ"][0] == "smoke, B 4 x T 64" and "training step: SHA-RNN" in rows
+    )
+    training = next(
+        check for check in rows if check.startswith("20 training steps (Trainer, standin")
+    )
     assert not any(cells[3].startswith("FAIL") for cells in rows.values())
     assert "0 non-finite" in rows[training][2]
     skipped = 1 if cpu_has_bf16() else 2  # --skip-tests, and a bf16 LSTM where oneDNN has none
@@ -52,7 +57,9 @@ def test_cpu_smoke_run_passes_and_says_the_gpu_figures_are_absent(tmp_path, caps
     for numbers in report["checks"]["steps"]["models"].values():
         assert numbers["bytes_per_s"] > 0 and numbers["timed_steps"] >= 1
     trained = report["checks"]["training"]
-    assert trained["steps"] == 20 and trained["nonfinite_steps"] == 0 and len(trained["losses"]) == 20
+    assert (
+        trained["steps"] == 20 and trained["nonfinite_steps"] == 0 and len(trained["losses"]) == 20
+    )
     assert trained["loss_last"] < trained["loss_first"]
 
 
@@ -66,7 +73,9 @@ def test_a_non_finite_loss_fails_the_run(monkeypatch, capsys):
     monkeypatch.setattr(SHAQ, "forward", nan_loss)
     assert gpu_check.main(["--cpu", "--skip-tests"]) == 1
     out = capsys.readouterr().out
-    failed = [(check, cells[3]) for check, cells in table_rows(out).items() if cells[3].startswith("FAIL")]
+    failed = [
+        (check, cells[3]) for check, cells in table_rows(out).items() if cells[3].startswith("FAIL")
+    ]
     assert len(failed) == 1
     check, status = failed[0]
     assert check.startswith("20 training steps") and status.startswith("FAIL: 20 non-finite steps")
@@ -90,10 +99,13 @@ def test_a_loss_that_does_not_fall_fails_the_training_check(monkeypatch):
 
 
 # Named without "cuda": `pytest tests -k cuda`, which the GPU check runs, would select it.
-def test_the_selected_tests_are_counted_from_pytest_and_failures_fail_the_check(tmp_path, monkeypatch):
+def test_the_selected_tests_are_counted_from_pytest_and_failures_fail_the_check(
+    tmp_path, monkeypatch
+):
     tests = tmp_path / "tests"
     tests.mkdir()
-    (tests / "test_sample.py").write_text(textwrap.dedent("""
+    (tests / "test_sample.py").write_text(
+        textwrap.dedent("""
         import pytest
 
         def test_cuda_passes():
@@ -108,7 +120,8 @@ def test_the_selected_tests_are_counted_from_pytest_and_failures_fail_the_check(
 
         def test_other_is_not_selected():
             assert False
-    """))
+    """)
+    )
     monkeypatch.setattr(gpu_check, "TESTS_DIR", tests)
     rows, counts = gpu_check.check_cuda_tests(gpu_check.SMOKE_PLAN, cuda=False)
     assert (counts["passed"], counts["failed"], counts["errors"], counts["skipped"]) == (1, 1, 0, 1)
@@ -121,11 +134,26 @@ def test_the_selected_tests_are_counted_from_pytest_and_failures_fail_the_check(
 
 
 def test_device_row_names_the_gpu_or_says_why_its_figures_are_absent():
-    meta = {"device": "cuda", "device_name": "NVIDIA H200", "cuda_device": "NVIDIA H200", "torch": "2.13.0",
-            "cuda": "12.8", "cudnn": 91002, "date": "2026-12-01 12:00 UTC"}
+    meta = {
+        "device": "cuda",
+        "device_name": "NVIDIA H200",
+        "cuda_device": "NVIDIA H200",
+        "torch": "2.13.0",
+        "cuda": "12.8",
+        "cudnn": 91002,
+        "date": "2026-12-01 12:00 UTC",
+    }
     row = gpu_check.device_row(meta)
-    assert row.status == "ok" and row.result.startswith("NVIDIA H200, torch 2.13.0, CUDA 12.8, cuDNN 91002")
+    assert row.status == "ok" and row.result.startswith(
+        "NVIDIA H200, torch 2.13.0, CUDA 12.8, cuDNN 91002"
+    )
     row = gpu_check.device_row(meta | {"device": "cpu", "device_name": "Some CPU"})
-    assert row.status == "absent" and row.result.startswith("GPU FIGURES ABSENT (--cpu, NVIDIA H200 unused)")
-    row = gpu_check.device_row(meta | {"device": "cpu", "device_name": "Some CPU", "cuda_device": None})
-    assert row.result.startswith("GPU FIGURES ABSENT (no CUDA device): all rows ran on the CPU (Some CPU)")
+    assert row.status == "absent" and row.result.startswith(
+        "GPU FIGURES ABSENT (--cpu, NVIDIA H200 unused)"
+    )
+    row = gpu_check.device_row(
+        meta | {"device": "cpu", "device_name": "Some CPU", "cuda_device": None}
+    )
+    assert row.result.startswith(
+        "GPU FIGURES ABSENT (no CUDA device): all rows ran on the CPU (Some CPU)"
+    )

@@ -23,16 +23,19 @@ import shaq.runlock
 import shaq.train
 from shaq.__main__ import main
 from shaq.checkpoint import CheckpointError, load_checkpoint, load_model, save_checkpoint
+from shaq.evaluate import NonFiniteError, evaluate
 from shaq.models import SHARNNConfig, build_model
 from shaq.runlock import RunLockError
-from shaq.train import NonFiniteError, TrainConfig, Trainer, TrainingError, TrainingInterrupted, evaluate
+from shaq.train import TrainConfig, Trainer, TrainingError, TrainingInterrupted
 
 TRAILER = 89  # "\nshaq-checkpoint sha256 " + 64 hex digits + "\n"
 
 
 def smoke(out, **overrides) -> TrainConfig:
     """The smoke preset with small evaluations, writing to `out`."""
-    return TrainConfig.smoke(out_dir=str(out), **{"eval_bytes": 1024, "final_bytes": 1024, **overrides})
+    return TrainConfig.smoke(
+        out_dir=str(out), **{"eval_bytes": 1024, "final_bytes": 1024, **overrides}
+    )
 
 
 def read_log(run_dir) -> list[dict]:
@@ -64,7 +67,9 @@ def copy(run, tmp_path) -> Path:
 def test_a_checkpoint_is_torch_save_bytes_and_their_sha256(run):
     data = (run / "last.pt").read_bytes()
     body, trailer = data[:-TRAILER], data[-TRAILER:]
-    assert trailer == b"\nshaq-checkpoint sha256 " + hashlib.sha256(body).hexdigest().encode() + b"\n"
+    assert (
+        trailer == b"\nshaq-checkpoint sha256 " + hashlib.sha256(body).hexdigest().encode() + b"\n"
+    )
     # torch.load reads the file as it is (safely: weights_only), trailer and all.
     plain = torch.load(run / "last.pt", map_location="cpu", weights_only=True)
     assert plain["format_version"] == 2 and plain["step"] == 6
@@ -93,7 +98,9 @@ def test_damage_to_best_names_last_and_a_lone_file_says_what_to_do(copy, tmp_pat
     with pytest.raises(CheckpointError, match=f"other checkpoint, {copy / 'last.pt'}"):
         load_model(copy)  # a run folder means its best.pt
     (tmp_path / "lone.pt").write_bytes(data)
-    with pytest.raises(CheckpointError, match="checksum mismatch.*use a good copy of it .* or retrain"):
+    with pytest.raises(
+        CheckpointError, match="checksum mismatch.*use a good copy of it .* or retrain"
+    ):
         load_checkpoint(tmp_path / "lone.pt")
 
 
@@ -104,9 +111,12 @@ def test_a_damaged_or_missing_trailer_is_an_error(copy):
     marker = bytearray(good)
     marker[-TRAILER + 3] ^= 0x20  # "shaq" -> "shAq": no trailer any more
     missing = "checksum that ends a format 2 file is missing or garbled"
-    for name, data, message in (("digit.pt", digit, "checksum mismatch"), ("marker.pt", marker, missing),
-                                ("cut.pt", good[:-TRAILER], missing),
-                                ("half.pt", good[: len(good) // 2], "cannot be read .* truncated")):
+    for name, data, message in (
+        ("digit.pt", digit, "checksum mismatch"),
+        ("marker.pt", marker, missing),
+        ("cut.pt", good[:-TRAILER], missing),
+        ("half.pt", good[: len(good) // 2], "cannot be read .* truncated"),
+    ):
         (copy / name).write_bytes(data)
         with pytest.raises(CheckpointError, match=message):
             load_checkpoint(copy / name)
@@ -120,7 +130,9 @@ def test_format_1_without_a_checksum_loads_with_a_warning_and_resumes_into_forma
     with pytest.warns(UserWarning, match=f"{old / 'last.pt'} has no checksum") as caught:
         loaded = load_checkpoint(old / "last.pt")
     assert "damage to it cannot be detected" in str(caught[0].message)
-    assert all(torch.equal(loaded["model"][key], value) for key, value in checkpoint["model"].items())
+    assert all(
+        torch.equal(loaded["model"][key], value) for key, value in checkpoint["model"].items()
+    )
     with pytest.warns(UserWarning, match="no checksum"):
         resumed = Trainer.resume(old, steps=7, verbose=False)
     resumed.fit()
@@ -147,17 +159,24 @@ def test_eval_of_nan_weights_exits_non_zero_and_prints_no_number(run, tmp_path, 
     checkpoint = load_checkpoint(run / "best.pt")
     for tensor in checkpoint["model"].values():
         tensor.fill_(float("nan"))
-    save_checkpoint(checkpoint, tmp_path / "nan.pt")  # a good file of bad weights: the checksum holds
+    save_checkpoint(
+        checkpoint, tmp_path / "nan.pt"
+    )  # a good file of bad weights: the checksum holds
     with pytest.raises(SystemExit) as stop:
         main(["eval", str(tmp_path / "nan.pt"), "--bytes", "2048"])
     assert stop.value.code == 2
     out, err = capsys.readouterr()
     assert "nan" not in out.lower() and "bpb" not in out
-    assert f"{tmp_path / 'nan.pt'}: the weights give a non-finite loss" in err and "Traceback" not in err
+    assert (
+        f"{tmp_path / 'nan.pt'}: the weights give a non-finite loss" in err
+        and "Traceback" not in err
+    )
 
 
 def test_a_run_whose_weights_test_nonfinite_reports_no_result(tmp_path):
-    trainer = Trainer(smoke(tmp_path / "run", steps=4, eval_interval=2), SHARNNConfig.smoke(), verbose=False)
+    trainer = Trainer(
+        smoke(tmp_path / "run", steps=4, eval_interval=2), SHARNNConfig.smoke(), verbose=False
+    )
     forward = trainer.model.forward
 
     def nan_when_evaluating(*args, **kwargs):
@@ -167,15 +186,22 @@ def test_a_run_whose_weights_test_nonfinite_reports_no_result(tmp_path):
         return out
 
     trainer.model.forward = nan_when_evaluating
-    with pytest.raises(TrainingError, match="weights of step 4 give a non-finite valid loss .* no result"):
+    with pytest.raises(
+        TrainingError, match="weights of step 4 give a non-finite valid loss .* no result"
+    ):
         trainer.fit()
     log = read_log(tmp_path / "run")
-    assert len(log) == 4 and all(math.isnan(m["valid_bpb"]) for m in log if "valid_bpb" in m)  # logged
-    assert not (tmp_path / "run" / "best.pt").exists() and not (tmp_path / "run" / "summary.json").exists()
+    assert len(log) == 4 and all(
+        math.isnan(m["valid_bpb"]) for m in log if "valid_bpb" in m
+    )  # logged
+    assert (
+        not (tmp_path / "run" / "best.pt").exists()
+        and not (tmp_path / "run" / "summary.json").exists()
+    )
     assert load_checkpoint(tmp_path / "run" / "last.pt")["step"] == 4
 
 
-# ----------------------------------------------------------------------------- one writer per run folder
+# ------------------------------------------------------------------------ one writer per run folder
 
 # Holds a RunLock on argv[2] until killed; runlock.py is loaded alone, without torch, to start fast.
 HOLDER = """
@@ -189,9 +215,14 @@ time.sleep(120)
 """
 
 
-def test_a_held_folder_is_refused_before_any_work_and_a_killed_holder_leaves_no_lock(copy, monkeypatch):
-    holder = subprocess.Popen([sys.executable, "-c", HOLDER, shaq.runlock.__file__, str(copy)],
-                              stdout=subprocess.PIPE, text=True)
+def test_a_held_folder_is_refused_before_any_work_and_a_killed_holder_leaves_no_lock(
+    copy, monkeypatch
+):
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, shaq.runlock.__file__, str(copy)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline() == "held\n"
 
@@ -200,14 +231,18 @@ def test_a_held_folder_is_refused_before_any_work_and_a_killed_holder_leaves_no_
 
         monkeypatch.setattr(shaq.train, "load_checkpoint", no_work)
         monkeypatch.setattr(shaq.train, "load_corpus", no_work)
-        with pytest.raises(RunLockError, match=f"{copy} is being written by process {holder.pid} on "):
+        with pytest.raises(
+            RunLockError, match=f"{copy} is being written by process {holder.pid} on "
+        ):
             Trainer.resume(copy, verbose=False)
         with pytest.raises(RunLockError, match=f"kill -TERM {holder.pid} saves last.pt"):
             Trainer(smoke(copy), SHARNNConfig.smoke(), verbose=False)
     finally:
         holder.kill()  # SIGKILL: no clean-up at all
         holder.communicate()
-    assert (copy / ".lock").exists()  # the file stays, but the kernel dropped the lock with the process
+    assert (
+        copy / ".lock"
+    ).exists()  # the file stays, but the kernel dropped the lock with the process
     monkeypatch.undo()
     Trainer.resume(copy, steps=7, verbose=False).fit()
     assert not (copy / ".lock").exists() and load_checkpoint(copy / "last.pt")["step"] == 7
@@ -218,7 +253,9 @@ def test_trainers_of_one_folder_in_one_process_take_turns(tmp_path, monkeypatch)
     first = Trainer(smoke(folder, steps=3, eval_interval=0), SHARNNConfig.smoke(), verbose=False)
     holder = json.loads((folder / ".lock").read_text())
     assert holder["pid"] == os.getpid() and holder["host"] and holder["command"]
-    with pytest.raises(RunLockError, match="held by another Trainer in this process .* call its close"):
+    with pytest.raises(
+        RunLockError, match="held by another Trainer in this process .* call its close"
+    ):
         Trainer(smoke(folder, steps=3), SHARNNConfig.smoke(), verbose=False)
     first.fit()  # fit lets the folder go when it ends, as a notebook needs for resuming next
     assert not (folder / ".lock").exists()
@@ -248,8 +285,10 @@ def wait_for(condition, process: subprocess.Popen, what: str, timeout: float = 1
     deadline = time.monotonic() + timeout
     while not condition():
         if process.poll() is not None:
-            raise AssertionError(f"the run ended (status {process.returncode}) before {what}: "
-                                 + process.stderr.read())
+            raise AssertionError(
+                f"the run ended (status {process.returncode}) before {what}: "
+                + process.stderr.read()
+            )
         if time.monotonic() > deadline:
             process.kill()
             raise AssertionError(f"no {what} after {timeout} s")
@@ -273,15 +312,21 @@ def lock_taken(folder: Path) -> bool:
 
 def test_a_second_process_is_refused_while_a_run_writes(tmp_path):
     folder = tmp_path / "run"
-    command = shaq_command("--preset", "smoke", "--steps", 100_000, "--eval-interval", 0, "--out", folder,
-                           "--quiet")
+    command = shaq_command(
+        "--preset", "smoke", "--steps", 100_000, "--eval-interval", 0, "--out", folder, "--quiet"
+    )
     with subprocess.Popen(command, stderr=subprocess.PIPE, text=True) as first:
         try:
             wait_for(lambda: lock_taken(folder), first, "its lock")
             started = time.monotonic()
-            commands = [shaq_command("--resume", folder), shaq_command("--preset", "smoke", "--out", folder)]
-            others = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                      for command in commands]
+            commands = [
+                shaq_command("--resume", folder),
+                shaq_command("--preset", "smoke", "--out", folder),
+            ]
+            others = [
+                subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                for command in commands
+            ]
             results = [(other.communicate(timeout=120)[1], other.returncode) for other in others]
             took = time.monotonic() - started
             for err, status in results:
@@ -301,10 +346,22 @@ def test_a_second_process_is_refused_while_a_run_writes(tmp_path):
 
 
 def test_sigterm_stops_after_a_step_with_last_saved_and_the_resumed_run_is_exact(tmp_path, capsys):
-    """`kill -TERM` on a real `python -m shaq train`, then --resume: the same numbers as a run left alone.
-    (On the CPU, which computes bit for bit the same each time; GPU kernels need not.)"""
-    args = ["--preset", "smoke", "--data", "standin", "--steps", 60, "--final-bytes", 2048, "--device", "cpu",
-            "--quiet"]
+    """`kill -TERM` on a real `python -m shaq train`, then --resume: the same numbers as a run
+    left alone. (On the CPU, which computes bit for bit the same each time; GPU kernels need
+    not.)"""
+    args = [
+        "--preset",
+        "smoke",
+        "--data",
+        "standin",
+        "--steps",
+        60,
+        "--final-bytes",
+        2048,
+        "--device",
+        "cpu",
+        "--quiet",
+    ]
     stopped = tmp_path / "stopped"
     command = shaq_command(*args, "--out", stopped)
     with subprocess.Popen(command, stderr=subprocess.PIPE, text=True) as process:
@@ -322,11 +379,20 @@ def test_sigterm_stops_after_a_step_with_last_saved_and_the_resumed_run_is_exact
     assert main(["train", *map(str, args), "--out", str(tmp_path / "straight")]) == 0
     capsys.readouterr()
     straight = tmp_path / "straight"
-    untimed = [[{key: value for key, value in m.items() if key != "time"} for m in read_log(folder)]
-               for folder in (straight, stopped)]
-    assert len(untimed[1]) == 60 and untimed[0] == untimed[1]  # every loss, bpb, lr, valid_bpb, exactly
+    untimed = [
+        [
+            {key: value for key, value in m.items() if key not in ("time", "valid_seconds")}
+            for m in read_log(folder)
+        ]
+        for folder in (straight, stopped)
+    ]
+    assert (
+        len(untimed[1]) == 60 and untimed[0] == untimed[1]
+    )  # every loss, bpb, lr, valid_bpb, exactly
     assert_same_weights(straight / "last.pt", stopped / "last.pt")
-    summaries = [json.loads((folder / "summary.json").read_text()) for folder in (straight, stopped)]
+    summaries = [
+        json.loads((folder / "summary.json").read_text()) for folder in (straight, stopped)
+    ]
     assert summaries[0]["test_bpb"] == summaries[1]["test_bpb"]
 
 
@@ -357,7 +423,9 @@ def test_sigint_in_a_notebook_saves_then_raises_keyboard_interrupt(tmp_path, mon
     Trainer(smoke(tmp_path / "straight", **config), model, verbose=False).fit()
     original = signal.signal(signal.SIGINT, previous)
     try:
-        trainer = Trainer(smoke(tmp_path / "stopped", **config), model, callback=interrupt, verbose=False)
+        trainer = Trainer(
+            smoke(tmp_path / "stopped", **config), model, callback=interrupt, verbose=False
+        )
         with monkeypatch.context() as patch:
             patch.setattr(shaq.train, "save_checkpoint", save_interrupted)
             with pytest.raises(KeyboardInterrupt) as stop:
@@ -407,7 +475,9 @@ def _fit_or_record(out: Path, callback, errors: list) -> None:
 # ----------------------------------------------------------------------------- failed writes
 
 
-def test_a_failed_write_keeps_the_previous_checkpoint_and_names_the_error(run, tmp_path, monkeypatch):
+def test_a_failed_write_keeps_the_previous_checkpoint_and_names_the_error(
+    run, tmp_path, monkeypatch
+):
     path = tmp_path / "last.pt"
     checkpoint = load_checkpoint(run / "last.pt")
     save_checkpoint(checkpoint, path)
@@ -418,14 +488,18 @@ def test_a_failed_write_keeps_the_previous_checkpoint_and_names_the_error(run, t
     def denied(*args, **kwargs):
         raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
 
-    for target, name, failure, message in ((os, "replace", full, "No space left on device"),
-                                           (torch, "save", full, "No space left on device"),
-                                           (tempfile, "mkstemp", denied, "Permission denied")):
+    for target, name, failure, message in (
+        (os, "replace", full, "No space left on device"),
+        (torch, "save", full, "No space left on device"),
+        (tempfile, "mkstemp", denied, "Permission denied"),
+    ):
         with monkeypatch.context() as patch:
             patch.setattr(target, name, failure)
             with pytest.raises(CheckpointError) as error:
                 save_checkpoint({**checkpoint, "step": 99}, path)
-        assert f"cannot write the checkpoint {path}: " in str(error.value) and message in str(error.value)
+        assert f"cannot write the checkpoint {path}: " in str(error.value) and message in str(
+            error.value
+        )
         assert "previous last.pt there, if any, is untouched" in str(error.value)
         assert load_checkpoint(path)["step"] == 6
         assert sorted(tmp_path.iterdir()) == [path]  # no temporary file left behind
@@ -442,11 +516,28 @@ def test_a_failed_save_stops_the_run_and_the_command_exits_1(tmp_path, monkeypat
 
     monkeypatch.setattr(os, "replace", disk_fills_up)
     folder = tmp_path / "run"
-    status = main(["train", "--preset", "smoke", "--steps", "9", "--eval-interval", "0",
-                   "--save-interval", "3", "--out", str(folder), "--quiet"])
+    status = main(
+        [
+            "train",
+            "--preset",
+            "smoke",
+            "--steps",
+            "9",
+            "--eval-interval",
+            "0",
+            "--save-interval",
+            "3",
+            "--out",
+            str(folder),
+            "--quiet",
+        ]
+    )
     err = capsys.readouterr().err
     assert status == 1
-    assert f"cannot write the checkpoint {folder / 'last.pt'}: [Errno 28] No space left on device" in err
+    assert (
+        f"cannot write the checkpoint {folder / 'last.pt'}: [Errno 28] No space left on device"
+        in err
+    )
     assert "Training stopped at step 6" in err and f"--resume {folder}" in err
     assert load_checkpoint(folder / "last.pt")["step"] == 3 and not (folder / ".lock").exists()
     monkeypatch.undo()

@@ -1,4 +1,5 @@
-"""Properties of SHA-RNN, SHAQ and the LSTM baseline: causality, streaming, sizes, init, checks."""
+"""Properties of SHA-RNN, SHAQ, the LSTM baseline and Shatter: causality, streaming, sizes,
+init, checks."""
 
 import math
 
@@ -6,9 +7,24 @@ import pytest
 import torch
 from torch import nn
 
-from shaq.models import LSTMLM, SHAQ, SHARNN, ModelOutput, SHARNNConfig, State, build_model, detach
+from shaq.models import (
+    LSTMLM,
+    MODELS,
+    SHAQ,
+    SHARNN,
+    LSTMConfig,
+    ModelOutput,
+    SHARNNConfig,
+    State,
+    build_model,
+    config_from_dict,
+    detach,
+    model_config,
+)
+from shaq.shatter import ShatterConfig, ShatterLM
 
 TINY = dict(d_model=16, n_layers=3, boom_expansion=2, memory_len=64)
+TINY_LSTM = dict(d_model=16, n_layers=3)
 
 
 def tiny_models():
@@ -17,7 +33,10 @@ def tiny_models():
         "sharnn": SHARNN(SHARNNConfig(**TINY)).eval(),
         "shaq-w1": SHAQ(SHARNNConfig(**TINY)).eval(),
         "shaq-w2": SHAQ(SHARNNConfig(**TINY, qrnn_window=2)).eval(),
-        "lstm": LSTMLM(SHARNNConfig(**TINY)).eval(),
+        "lstm": LSTMLM(LSTMConfig(**TINY_LSTM)).eval(),
+        "shatter": ShatterLM(
+            ShatterConfig(d_model=16, n_layers=3, ff_expansion=2, memory_len=64)
+        ).eval(),
     }
 
 
@@ -34,21 +53,22 @@ def randomise_gates(model):
                 p.normal_()
 
 
-@pytest.mark.parametrize("name", ["sharnn", "shaq-w1", "shaq-w2", "lstm"])
+@pytest.mark.parametrize("name", ["sharnn", "shaq-w1", "shaq-w2", "lstm", "shatter"])
 def test_output_shapes_and_loss(models, name):
     model = models[name]
-    x = torch.randint(0, 256, (2, 12))
-    out = model(x, targets=x)
+    x, y = torch.randint(0, 256, (2, 2, 12))
+    out = model(x, targets=y)
     assert isinstance(out, ModelOutput)
     assert out.logits.shape == (2, 12, 256)
-    expected = nn.functional.cross_entropy(out.logits.flatten(0, 1), x.flatten())
+    expected = nn.functional.cross_entropy(out.logits.flatten(0, 1), y.flatten())
     assert torch.allclose(out.loss, expected)
-    # Untrained: close to the uniform guess, ln 256 nats = 8 bits per byte.
+    # Untrained: close to the uniform guess, ln 256 nats = 8 bits per byte. (Targets other than
+    # the inputs: Shatter's residual path from the tied embedding favours repeating the input.)
     assert abs(out.loss.item() - math.log(256)) < 0.1
     assert model(x).loss is None
 
 
-@pytest.mark.parametrize("name", ["sharnn", "shaq-w1", "shaq-w2", "lstm"])
+@pytest.mark.parametrize("name", ["sharnn", "shaq-w1", "shaq-w2", "lstm", "shatter"])
 @pytest.mark.parametrize("with_memory", [False, True])
 def test_causality(models, name, with_memory):
     model = models[name]
@@ -67,7 +87,7 @@ def test_causality(models, name, with_memory):
         assert not torch.allclose(logits[:, t:], base[:, t:])
 
 
-@pytest.mark.parametrize("name", ["sharnn", "shaq-w1", "shaq-w2", "lstm"])
+@pytest.mark.parametrize("name", ["sharnn", "shaq-w1", "shaq-w2", "lstm", "shatter"])
 def test_streaming_two_segments_equal_one_call(models, name):
     model = models[name]
     randomise_gates(model)
@@ -77,7 +97,7 @@ def test_streaming_two_segments_equal_one_call(models, name):
     first = model(x[:, :17])
     second = model(x[:, 17:], state=first.state)
     assert torch.allclose(torch.cat([first.logits, second.logits], 1), whole.logits, atol=1e-5)
-    for (a1, b1), (a2, b2) in zip(second.state.rnn, whole.state.rnn):
+    for (a1, b1), (a2, b2) in zip(second.state.rnn, whole.state.rnn, strict=True):
         assert torch.allclose(a1, a2, atol=1e-5) and torch.allclose(b1, b2, atol=1e-5)
 
 
@@ -109,7 +129,9 @@ def test_attention_weights_are_causal_and_see_the_memory(models):
     assert torch.allclose(w.sum(-1), torch.ones(2, 5), atol=1e-5)
     assert (w[:, :, :6] > 0).all()  # every query sees all memory
     assert torch.equal(w[:, 0, 7:], torch.zeros(2, 4))  # first query sees no later segment byte
-    assert models["lstm"](torch.zeros(1, 3, dtype=torch.long), return_attention=True).attention is None
+    assert (
+        models["lstm"](torch.zeros(1, 3, dtype=torch.long), return_attention=True).attention is None
+    )
 
 
 def test_attention_sits_in_the_second_to_last_block():
@@ -140,7 +162,10 @@ def test_paper_parameter_counts_match_the_reference_table():
     collapsed to a vector for inference).
     """
     model = SHARNN(SHARNNConfig.paper())
-    count = lambda m: sum(p.numel() for p in m.parameters())
+
+    def count(m):
+        return sum(p.numel() for p in m.parameters())
+
     block = model.blocks[2]
     assert count(block.rnn) == 8_396_800
     assert count(block.boom) == 4_198_400
@@ -149,7 +174,11 @@ def test_paper_parameter_counts_match_the_reference_table():
     reference_total = 53_798_093
     unused_layernorms = (4 * 6 - (3 * 3 + 5)) * 2 * 1024
     vocabulary = (256 - 205) * (1024 + 1)
-    assert count(model) == reference_total - unused_layernorms - 3_072 - 1_024 + vocabulary == 53_825_792
+    assert (
+        count(model)
+        == reference_total - unused_layernorms - 3_072 - 1_024 + vocabulary
+        == 53_825_792
+    )
     # SHAQ with window-1 QRNNs: 3d^2 + 3d per layer instead of the LSTM's 8d^2 + 8d.
     shaq = SHAQ(SHARNNConfig.paper())
     assert count(shaq.blocks[0].rnn) == 3_148_800
@@ -251,18 +280,110 @@ def test_detach_cuts_the_graph(models):
 
 def test_gradients_reach_every_parameter():
     torch.manual_seed(0)
-    for model in (SHARNN(SHARNNConfig(**TINY)), SHAQ(SHARNNConfig(**TINY, qrnn_window=2)), LSTMLM(SHARNNConfig(**TINY))):
+    for model in (
+        SHARNN(SHARNNConfig(**TINY)),
+        SHAQ(SHARNNConfig(**TINY, qrnn_window=2)),
+        LSTMLM(LSTMConfig(**TINY_LSTM)),
+    ):
         x = torch.randint(0, 256, (2, 8))
         model(x, targets=x).loss.backward()
-        missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+        missing = [
+            n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0
+        ]
         assert not missing, missing
 
 
-@pytest.mark.parametrize("model_class", [SHARNN, LSTMLM])
-def test_the_model_picks_its_recurrent_layer(model_class):
-    """One setting picks the model: an LSTM model asked for QRNNs is an error, not a SHAQ in
-    disguise; SHAQ fills in its own QRNNs."""
+def test_the_model_picks_its_recurrent_layer():
+    """One setting picks the model: a SHA-RNN asked for QRNNs is an error, not a SHAQ in
+    disguise; SHAQ fills in its own QRNNs. (LSTMLM's config has no recurrent layer to ask for.)"""
     with pytest.raises(ValueError, match="for QRNNs use 'shaq'"):
-        model_class(SHARNNConfig(**TINY, rnn="qrnn"))
+        SHARNN(SHARNNConfig(**TINY, rnn="qrnn"))
     assert SHAQ(SHARNNConfig(**TINY)).config.rnn == "qrnn"
-    assert build_model(model_class.name, SHARNNConfig(**TINY)).config.rnn == "lstm"
+    assert build_model("sharnn", SHARNNConfig(**TINY)).config.rnn == "lstm"
+    assert not hasattr(LSTMConfig(), "rnn")
+
+
+def test_lstm_config_presets_and_sizes():
+    """LSTMConfig has only what LSTMLM reads, and its presets are as wide, deep and dropped-out as
+    SHARNNConfig's. Parameters: embedding 256 d (tied) + bias 256 + per layer the LSTM's 8d^2 +
+    8d."""
+    assert [f for f in LSTMConfig().to_dict()] == [
+        "vocab_size",
+        "d_model",
+        "n_layers",
+        "dropout_input",
+        "dropout_hidden",
+        "dropout_output",
+    ]
+
+    def count(m):
+        return sum(p.numel() for p in m.parameters())
+
+    sizes = (("paper", 1024, 4, 33_849_600), ("cpu", 256, 3, 1_644_800), ("smoke", 64, 2, 83_200))
+    for preset, d, n, params in sizes:
+        config, sharnn = LSTMConfig.preset(preset), SHARNNConfig.preset(preset)
+        assert config.to_dict() == {key: sharnn.to_dict()[key] for key in config.to_dict()}
+        assert (config.d_model, config.n_layers) == (d, n)
+        assert count(LSTMLM(config)) == 256 * d + 256 + n * (8 * d * d + 8 * d) == params
+    assert LSTMConfig.cpu(d_model=128).d_model == 128 and LSTMConfig.paper().dropout_hidden == 0.1
+    with pytest.raises(ValueError, match="unknown preset 'huge'"):
+        LSTMConfig.preset("huge")
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(d_model=0), "d_model must be >= 1"),
+        (dict(n_layers=0), "n_layers must be >= 1"),
+        (dict(dropout_input=-0.1), "dropout_input must be in"),
+        (dict(dropout_output=1.0), "dropout_output must be in"),
+        (dict(vocab_size=205), "vocab_size must be 256"),
+    ],
+)
+def test_nonsense_lstm_configs_are_rejected(overrides, message):
+    with pytest.raises(ValueError, match=f"invalid LSTMConfig: {message}"):
+        LSTMConfig(**overrides)
+
+
+def test_the_registry_builds_each_model_from_its_own_config():
+    assert {name: model.config_class for name, model in MODELS.items()} == {
+        "sharnn": SHARNNConfig,
+        "shaq": SHARNNConfig,
+        "lstm": LSTMConfig,
+        "shatter": ShatterConfig,
+    }
+    assert model_config("lstm", "cpu") == LSTMConfig.cpu()
+    assert model_config("shaq", "smoke", memory_len=16) == SHARNNConfig.smoke(memory_len=16)
+    assert isinstance(build_model("lstm", model_config("lstm", "smoke")), LSTMLM)
+    with pytest.raises(
+        ValueError, match=r"model 'lstm' \(LSTMLM\) .* config class LSTMConfig, not SHARNNConfig"
+    ):
+        build_model("lstm", SHARNNConfig.smoke())
+    with pytest.raises(
+        ValueError, match=r"model 'shaq' \(SHAQ\) .* config class SHARNNConfig, not LSTMConfig"
+    ):
+        build_model("shaq", LSTMConfig.smoke())
+    with pytest.raises(
+        ValueError, match="LSTMConfig, the config of model 'lstm', has no field memory_len"
+    ):
+        model_config("lstm", "smoke", memory_len=16)
+    with pytest.raises(ValueError, match="unknown model 'gpt'"):
+        model_config("gpt", "smoke")
+    with pytest.raises(ValueError, match="unknown model 'gpt'"):
+        config_from_dict("gpt", {})
+
+
+def test_configs_round_trip_through_dicts_and_legacy_lstm_configs_load():
+    for name, config in (
+        ("shaq", SHARNNConfig.smoke(attention_layers=(0, 1))),
+        ("lstm", LSTMConfig.cpu()),
+    ):
+        assert config_from_dict(name, config.to_dict()) == config
+    # An LSTMLM saved before LSTMConfig carried a whole SHARNNConfig: its extra fields are dropped.
+    legacy = SHARNNConfig.smoke(d_model=32).to_dict()
+    assert config_from_dict("lstm", legacy) == LSTMConfig.smoke(d_model=32)
+    # Only those: a field no config has is still an error.
+    with pytest.raises(TypeError, match="bogus"):
+        config_from_dict("lstm", {**LSTMConfig.smoke().to_dict(), "bogus": 1})
+    with pytest.raises(TypeError, match="bogus"):
+        config_from_dict("sharnn", {**legacy, "bogus": 1})

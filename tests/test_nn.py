@@ -68,7 +68,9 @@ def test_attention_matches_a_manual_loop(memory):
     torch.manual_seed(0)
     attn = SingleHeadAttention(16).eval()
     with torch.no_grad():  # non-trivial gates
-        attn.qs.normal_(); attn.ks.normal_(); attn.vs.normal_()
+        attn.qs.normal_()
+        attn.ks.normal_()
+        attn.vs.normal_()
     query = torch.randn(3, 5, 16)
     kv = torch.randn(3, memory + 5, 16)
     expected_y, expected_w = manual_attention(attn, query, kv)

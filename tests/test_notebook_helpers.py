@@ -3,6 +3,8 @@
 import json
 import random
 import re
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +33,14 @@ def clean_env(monkeypatch):
 
 @pytest.mark.parametrize(
     "value, expected",
-    [(None, "demo"), ("", "demo"), ("   ", "demo"), ("smoke", "smoke"), (" Demo ", "demo"), ("FULL", "full")],
+    [
+        (None, "demo"),
+        ("", "demo"),
+        ("   ", "demo"),
+        ("smoke", "smoke"),
+        (" Demo ", "demo"),
+        ("FULL", "full"),
+    ],
 )
 def test_parse_level(value, expected):
     """Unset means demo on every machine: full (hours of GPU time) is only ever asked for."""
@@ -45,7 +54,7 @@ def test_parse_level_rejects_unknown_names_and_lists_the_valid_ones(value):
 
 
 def test_full_cost_is_said_in_gpu_hours_at_the_papers_speed():
-    from shaq.train import TrainConfig
+    from shaq.train_config import TrainConfig
 
     # 32 epochs of enwik8 at 1,800 s an epoch: 16 GPU-hours.
     assert "16.0 GPU-hours" in notebook.full_cost(TrainConfig.paper())
@@ -63,14 +72,15 @@ def test_setup_reads_the_level_and_device_from_the_environment(clean_env):
     clean_env.setenv(notebook.LEVEL_ENV, "smoke")
     clean_env.setenv(notebook.DEVICE_ENV, "cpu")
     level = notebook.setup(seed=1, quiet=True)
-    assert (level.name, level.device, level.seed) == ("smoke", torch.device("cpu"), 1)
-    assert level.is_smoke and not level.is_demo and not level.is_full
-    assert level.data_name.startswith("standin-py")
+    assert (level.name, level.device) == ("smoke", torch.device("cpu"))
+    assert level.is_smoke and not level.is_full
+    assert (level.data, level.max_bytes) == ("standin", notebook.SMOKE_MAX_BYTES)
 
 
 def test_setup_without_a_level_is_demo_on_the_cpu(clean_env):
     level = notebook.setup(device="cpu", quiet=True)
-    assert level.name == "demo" and level.is_demo
+    assert level.name == "demo" and not level.is_smoke and not level.is_full
+    assert (level.data, level.max_bytes) == ("standin", None)
 
 
 def test_setup_arguments_beat_the_environment(clean_env):
@@ -134,15 +144,27 @@ def test_seeding_is_deterministic(clean_env):
 def test_smoke_corpus_is_the_start_of_the_standin():
     level = notebook.RunLevel(name="smoke", device="cpu")
     corpus = level.load_corpus()
-    assert corpus.name == level.data_name
+    assert corpus.name == shaq.data.STANDIN_NAME
     total = corpus.train.numel() + corpus.valid.numel() + corpus.test.numel()
     assert total == notebook.SMOKE_MAX_BYTES
+    assert f"first {notebook.SMOKE_MAX_BYTES:,} bytes" in level.data_description
 
 
 def test_full_level_reads_enwik8_from_shaq_data(clean_env, tmp_path):
     clean_env.setenv(notebook.DATA_ENV, str(tmp_path))
     level = notebook.setup(level="full", device="cpu", quiet=True)
-    assert level.data_root == tmp_path and level.data_name == "enwik8"
+    assert level.data_root == tmp_path and level.data == "enwik8" and level.max_bytes is None
+    assert level.data_description == "enwik8" and level.at("smoke").data == "standin"
+
+
+def test_full_level_without_enwik8_stops_and_says_what_to_do(monkeypatch, tmp_path):
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network here")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    level = notebook.RunLevel(name="full", device="cpu", data_root=tmp_path)
+    with pytest.raises(shaq.data.DataError, match="by hand"):  # never the stand-in instead
+        level.load_corpus()
 
 
 # ----------------------------------------------------------------------------- provenance
@@ -160,7 +182,8 @@ def test_provenance_line_names_level_data_device_time_and_version():
     level = notebook.RunLevel(name="demo", device="cpu")
     line = level.provenance(133)
     assert line.startswith(
-        f"Produced by run level demo on {level.data_description}, CPU, in 2 min 13 s, shaq {shaq.__version__}"
+        f"Produced by run level demo on {level.data_description}, CPU, in 2 min 13 s, shaq "
+        f"{shaq.__version__}"
     )
     assert "stand-in" in line and "in 2 min" not in level.provenance()
 
@@ -178,11 +201,55 @@ def test_timer_measures_and_prints(capsys):
     assert timer.seconds >= 0 and capsys.readouterr().out.startswith("counting: ")
 
 
+# ----------------------------------------------------------------------------- tables
+
+
+def test_table_is_markdown_in_jupyter_and_aligned_text_elsewhere():
+    table = notebook.Table(
+        ["model", "bytes", "bpb", "ok", "share"],
+        [["unigram", 1234567, 4.93125, True, "7%"], ["a|b", 12, None, False, "93%"]],
+    )
+    assert table._repr_markdown_() == (
+        "| model | bytes | bpb | ok | share |\n|---|---|---|---|---|\n"
+        "| unigram | 1,234,567 | 4.931 | True | 7% |\n| a\\|b | 12 | n/a | False | 93% |"
+    )
+    # What reads as a number (n/a and 93% too) goes to the right, words and booleans to the left.
+    assert repr(table).splitlines() == [
+        "model        bytes    bpb  ok     share",
+        "-------  ---------  -----  -----  -----",
+        "unigram  1,234,567  4.931  True      7%",
+        "a|b             12    n/a  False    93%",
+    ]
+    assert notebook.Table(["x"], [[0.5]], digits=1).text().splitlines()[-1] == "0.5"
+    # Numbers a chapter formatted itself read as numbers too.
+    assert notebook.Table(["error"], [["3.1e-07"], ["-2"]]).text().splitlines()[-1] == "     -2"
+    with pytest.raises(ValueError, match="every row needs 2 values"):
+        notebook.Table(["a", "b"], [[1, 2], [3]])
+
+
+@pytest.mark.parametrize(
+    "value, text",
+    [
+        (12345.6, "12,346"),
+        (123.4, "123"),
+        (1.2345, "1.23"),
+        (0.012345, "0.0123"),
+        (-2.5, "-2.50"),
+        (7, "7"),
+        (None, "n/a"),
+    ],
+)
+def test_table_without_digits_rounds_floats_by_their_size(value, text):
+    from shaq.table import format_value
+
+    assert format_value(value, digits=None) == text
+
+
 # ----------------------------------------------------------------------------- live plot
 
 
 def test_live_plot_outside_ipython_draws_once_at_close():
-    plot = notebook.LivePlot(live=False)
+    plot = notebook.LivePlot()
     plot.hline(8.0, "uniform guess")
     for step in range(5):
         plot.add("train", step, 8 - step)
@@ -218,7 +285,9 @@ def _repository_url() -> str:
 @pytest.mark.parametrize("path", _notebooks(), ids=lambda p: p.name)
 def test_chapter_notebook_follows_the_book_conventions(path):
     nb = json.loads(path.read_text())
-    assert nb["metadata"]["kernelspec"]["name"] == "python3", "nbmake and Colab need the python3 kernel"
+    assert nb["metadata"]["kernelspec"]["name"] == "python3", (
+        "nbmake and Colab need the python3 kernel"
+    )
     code = [cell for cell in nb["cells"] if cell["cell_type"] == "code"]
     first = _source(code[0])
     assert "shaq.notebook.setup(" in first, "the first code cell must call shaq.notebook.setup"
@@ -260,9 +329,19 @@ GOOD_PAGE = """<html><body><h1>Chapter</h1>
 def _fake_site(tmp_path, page=GOOD_PAGE):
     (tmp_path / "_toc.yml").write_text("format: jb-book\nroot: book/ch\n")
     (tmp_path / "book").mkdir()
-    cell = {"cell_type": "code", "metadata": {}, "source": "plot()", "execution_count": 1,
-            "outputs": [{"output_type": "display_data", "metadata": {},
-                         "data": {"image/png": "iVBORw0KGgo=", "text/plain": "<Figure>"}}]}
+    cell = {
+        "cell_type": "code",
+        "metadata": {},
+        "source": "plot()",
+        "execution_count": 1,
+        "outputs": [
+            {
+                "output_type": "display_data",
+                "metadata": {},
+                "data": {"image/png": "iVBORw0KGgo=", "text/plain": "<Figure>"},
+            }
+        ],
+    }
     notebook = {"cells": [cell], "metadata": {}, "nbformat": 4, "nbformat_minor": 5}
     (tmp_path / "book" / "ch.ipynb").write_text(json.dumps(notebook))
     html = tmp_path / "_build" / "html"
@@ -283,14 +362,32 @@ def test_check_site_passes_a_good_page(tmp_path, capsys):
     "change, message",
     [
         (('src="../_images/fig.png"', 'src="../_images/gone.png"'), "does not exist"),
-        (("<pre>Produced", '<div class="output traceback">Traceback (most recent call last)</div><pre>Produced'),
-         "traceback"),
+        (
+            (
+                "<pre>Produced",
+                '<div class="output traceback">Traceback (most recent call last)</div>'
+                "<pre>Produced",
+            ),
+            "traceback",
+        ),
         (("<pre>Produced", "<pre>ValueError: bad\nProduced"), "ValueError"),
-        (("</body>", '<script type="application/vnd.jupyter.widget-view+json">{"model_id": "m1"}</script></body>'),
-         "no saved state"),
-        (("<pre>Produced", "<pre>HBox(children=(FloatProgress(value=0.0),))\nProduced"), "widget as text"),
+        (
+            (
+                "</body>",
+                '<script type="application/vnd.jupyter.widget-view+json">'
+                '{"model_id": "m1"}</script></body>',
+            ),
+            "no saved state",
+        ),
+        (
+            ("<pre>Produced", "<pre>HBox(children=(FloatProgress(value=0.0),))\nProduced"),
+            "widget as text",
+        ),
         (("<pre>Produced", "<pre>saved to /work/main/runs\nProduced"), "local path"),
-        (("in 3.7 s", "(still running: the time appears when the notebook finishes)"), "never completed"),
+        (
+            ("in 3.7 s", "(still running: the time appears when the notebook finishes)"),
+            "never completed",
+        ),
         (("run level demo", "run level smoke"), "expected demo"),
     ],
 )

@@ -37,7 +37,9 @@ def test_bf16_gates_with_long_memory_match_float64(gpu_path):
 
     h, c_last = qrnn_pool(gates)
     h_ref, c_ref = qrnn_pool_reference(exact)
-    assert h.dtype == torch.bfloat16 and c_last.dtype == torch.float32  # the carried cell stays float32
+    assert (
+        h.dtype == torch.bfloat16 and c_last.dtype == torch.float32
+    )  # the carried cell stays float32
     assert _relative_error(h, h_ref) < 3e-3
     assert _relative_error(c_last, c_ref) < 1e-5  # float32 throughout: no bf16 rounding at all
 
@@ -45,11 +47,14 @@ def test_bf16_gates_with_long_memory_match_float64(gpu_path):
     (h.float() * weights).sum().backward()
     (h_ref * weights.double()).sum().backward()
     for k, name in enumerate("zfo"):
-        got, want = gates.grad[..., k * H:(k + 1) * H].double(), exact.grad[..., k * H:(k + 1) * H]
+        got, want = (
+            gates.grad[..., k * H : (k + 1) * H].double(),
+            exact.grad[..., k * H : (k + 1) * H],
+        )
         assert (got - want).norm() / want.norm() < 1e-2, name  # bf16 rounding of the gradient
-    saturated = gates.detach()[..., H:2 * H] >= 6.5
+    saturated = gates.detach()[..., H : 2 * H] >= 6.5
     assert saturated.sum() > 1000  # the regime under test is really there
-    assert (gates.grad[..., H:2 * H][saturated] != 0).all()  # no frozen cell
+    assert (gates.grad[..., H : 2 * H][saturated] != 0).all()  # no frozen cell
 
 
 @pytest.mark.parametrize("model_class", [SHAQ, SHARNN])
@@ -66,12 +71,16 @@ def test_whole_model_under_cpu_bf16_autocast_matches_float32(model_class, gpu_pa
         state, losses, logits = None, [], []
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             for s in range(4):
-                out = model(x[:, s * 64:(s + 1) * 64], state=state, targets=x[:, s * 64 + 1:(s + 1) * 64 + 1])
+                out = model(
+                    x[:, s * 64 : (s + 1) * 64],
+                    state=state,
+                    targets=x[:, s * 64 + 1 : (s + 1) * 64 + 1],
+                )
                 state = out.state
                 losses.append(out.loss.item())
                 logits.append(out.logits.float())
         results[bf16] = losses, logits, state
     (losses32, logits32, _), (losses16, logits16, state16) = results[False], results[True]
     assert all(t.dtype == torch.float32 for layer in state16.rnn for t in layer)
-    assert max(abs(a - b) for a, b in zip(losses32, losses16)) < 1e-3
-    assert max((a - b).abs().max().item() for a, b in zip(logits32, logits16)) < 2e-2
+    assert max(abs(a - b) for a, b in zip(losses32, losses16, strict=True)) < 1e-3
+    assert max((a - b).abs().max().item() for a, b in zip(logits32, logits16, strict=True)) < 2e-2

@@ -20,11 +20,14 @@ def test_first_step_by_hand():
     # m = 0.1 g, v = 0.001 g^2 -> u = 0.1 g / (sqrt(0.001) |g| + eps) + wd * w
     w0, g = [3.0, -4.0], [0.5, 2.0]
     lr, eps, wd = 0.1, 1e-6, 0.01
-    u = [0.1 * gi / (math.sqrt(0.001) * abs(gi) + eps) + wd * wi for wi, gi in zip(w0, g)]
+    u = [
+        0.1 * gi / (math.sqrt(0.001) * abs(gi) + eps) + wd * wi
+        for wi, gi in zip(w0, g, strict=True)
+    ]
     w_norm = 5.0
     u_norm = math.hypot(*u)
     trust = w_norm / u_norm
-    expected = [wi - lr * trust * ui for wi, ui in zip(w0, u)]
+    expected = [wi - lr * trust * ui for wi, ui in zip(w0, u, strict=True)]
     w, state = one_step(w0, g, lr=lr, eps=eps, weight_decay=wd, min_trust=0.25)
     assert trust > 0.25  # the floor does not bind here
     assert torch.allclose(w, torch.tensor(expected), atol=1e-6)
@@ -50,7 +53,9 @@ def test_weight_norm_is_clamped_at_ten():
     trust = 10.0 / math.hypot(u, u)
     w, state = one_step(w0, g, lr=0.5)
     assert state["weight_norm"].item() == pytest.approx(10.0)
-    assert torch.allclose(w, torch.tensor([30.0 - 0.5 * trust * u, 40.0 + 0.5 * trust * u]), atol=1e-5)
+    assert torch.allclose(
+        w, torch.tensor([30.0 - 0.5 * trust * u, 40.0 + 0.5 * trust * u]), atol=1e-5
+    )
 
 
 def test_zero_weights_get_trust_one():
@@ -81,7 +86,10 @@ def test_adam_mode_ignores_trust():
     assert state["trust_ratio"].item() == 1.0
 
 
-@pytest.mark.parametrize("kwargs", [dict(lr=-1), dict(min_trust=1.0), dict(min_trust=-0.1), dict(eps=0), dict(betas=(1.0, 0.9))])
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(lr=-1), dict(min_trust=1.0), dict(min_trust=-0.1), dict(eps=0), dict(betas=(1.0, 0.9))],
+)
 def test_bad_hyperparameters_are_rejected(kwargs):
     with pytest.raises(ValueError):
         LAMB([torch.nn.Parameter(torch.zeros(1))], **kwargs)

@@ -15,7 +15,11 @@ def readme_commands() -> list[str]:
     text = (ROOT / "README.md").read_text()
     match = re.search(r"## Quick start\n.*?```bash\n(.*?)```", text, re.DOTALL)
     assert match, "README.md needs a '## Quick start' section with a ```bash block"
-    return [line.strip() for line in match.group(1).splitlines() if line.strip() and not line.startswith("#")]
+    return [
+        line.strip()
+        for line in match.group(1).splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
 
 
 def test_readme_quick_start_has_the_main_job_and_the_test_command():
@@ -42,7 +46,9 @@ def test_ci_runs_the_readme_test_command_verbatim():
     installs = [i for i, line in enumerate(ci) if re.fullmatch(pattern, line)]
     assert installs, f".ci/run must install with {install!r}"
     venvs = [i for i, line in enumerate(ci) if " -m venv " in line]
-    assert venvs and venvs[0] < installs[0] < ci.index(test_part), "new venv, then the install, then the tests"
+    assert venvs and venvs[0] < installs[0] < ci.index(test_part), (
+        "new venv, then the install, then the tests"
+    )
     assert "--system-site-packages" not in "\n".join(ci)
 
 
@@ -57,6 +63,10 @@ def test_toc_lists_every_chapter_and_only_files_that_exist():
     listed = re.findall(r"^\s*-?\s*(?:file|root):\s*(\S+)", toc, re.MULTILINE)
     for entry in listed:
         matches = [p for p in (ROOT / (entry + ext) for ext in (".md", ".ipynb")) if p.exists()]
-        assert len(matches) == 1, f"_toc.yml lists {entry}, which should be exactly one .md or .ipynb"
+        assert len(matches) == 1, (
+            f"_toc.yml lists {entry}, which should be exactly one .md or .ipynb"
+        )
     notebooks = {f"book/{p.stem}" for p in (ROOT / "book").glob("*.ipynb")}
-    assert notebooks <= set(listed), f"notebooks missing from _toc.yml: {sorted(notebooks - set(listed))}"
+    assert notebooks <= set(listed), (
+        f"notebooks missing from _toc.yml: {sorted(notebooks - set(listed))}"
+    )

@@ -35,7 +35,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 LOCAL_PATHS = ("/work/", "/root/", "/tmp/", "/home/", "/Users/", "C:\\Users\\")
 WIDGET_TEXT = re.compile(r"\b(HBox|VBox|IntProgress|FloatProgress|IntSlider|FloatSlider)\(")
-ERROR_TEXT = re.compile(r"Traceback \(most recent call last\)|\b[A-Z][A-Za-z]*Error: |Execution Failed")
+ERROR_TEXT = re.compile(
+    r"Traceback \(most recent call last\)|\b[A-Z][A-Za-z]*Error: |Execution Failed"
+)
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 WIDGET_STATE = "application/vnd.jupyter.widget-state+json"
 
@@ -72,7 +74,9 @@ class Page(HTMLParser):
         if tag == "div":
             is_output = bool(classes & {"cell_output", "output"})
             is_stderr = "stderr" in classes
-            if "traceback" in classes or (classes & {"output_error", "error"} and self._output_depth):
+            if "traceback" in classes or (
+                classes & {"output_error", "error"} and self._output_depth
+            ):
                 self.error_blocks += 1
             self._output_depth += is_output
             self._stderr_depth += is_stderr
@@ -145,7 +149,9 @@ def notebook_images(path: Path) -> int:
     return count
 
 
-def check_page(html_root: Path, page_path: Path, source: Path | None, expect_level: str | None) -> list[str]:
+def check_page(
+    html_root: Path, page_path: Path, source: Path | None, expect_level: str | None
+) -> list[str]:
     name = page_path.relative_to(html_root).as_posix()
     parser = Page()
     parser.feed(page_path.read_text(encoding="utf-8"))
@@ -165,7 +171,9 @@ def check_page(html_root: Path, page_path: Path, source: Path | None, expect_lev
     if source is not None and source.suffix == ".ipynb":
         wanted = notebook_images(source)
         if shown < wanted:
-            problems.append(f"{name}: shows {shown} figure(s) from _images/, its notebook has {wanted}")
+            problems.append(
+                f"{name}: shows {shown} figure(s) from _images/, its notebook has {wanted}"
+            )
 
     # errors
     outputs = "".join(parser.output_texts)
@@ -184,13 +192,17 @@ def check_page(html_root: Path, page_path: Path, source: Path | None, expect_lev
 
     # widgets
     if match := WIDGET_TEXT.search(outputs):
-        problems.append(f"{name}: an output shows a widget as text ({match.group(0)}...): a blank widget")
+        problems.append(
+            f"{name}: an output shows a widget as text ({match.group(0)}...): a blank widget"
+        )
     known = set()
     for state in parser.widget_states:
         known.update(state.get("state", {}))
     for model_id in parser.widget_views:
         if model_id not in known:
-            problems.append(f"{name}: widget view {model_id or '(no id)'} has no saved state: it renders blank")
+            problems.append(
+                f"{name}: widget view {model_id or '(no id)'} has no saved state: it renders blank"
+            )
     if parser.widget_views:
         for src, _ in parser.scripts:
             if "embed-amd" in src or "require" in src:
@@ -206,28 +218,42 @@ def check_page(html_root: Path, page_path: Path, source: Path | None, expect_lev
     for local in LOCAL_PATHS:
         if local in page_text:
             where = page_text.index(local)
-            problems.append(f"{name}: shows a local path: ...{page_text[max(0, where - 40):where + 40]!r}...")
+            problems.append(
+                f"{name}: shows a local path: ...{page_text[max(0, where - 40) : where + 40]!r}..."
+            )
 
     # provenance of chapter notebooks
     if source is not None and source.suffix == ".ipynb":
         lines = re.findall(r"Produced by run level \w+[^\n<]*", text)
         if not lines:
-            problems.append(f"{name}: no provenance line ('Produced by run level ...'): was it run?")
+            problems.append(
+                f"{name}: no provenance line ('Produced by run level ...'): was it run?"
+            )
         for line in lines:
             if "still running" in line:
-                problems.append(f"{name}: the provenance line was never completed (the run stopped early)")
+                problems.append(
+                    f"{name}: the provenance line was never completed (the run stopped early)"
+                )
         levels = set(re.findall(r"Produced by run level (\w+)", text))
         if expect_level and levels and levels != {expect_level}:
-            problems.append(f"{name}: outputs come from run level {sorted(levels)}, expected {expect_level}")
+            problems.append(
+                f"{name}: outputs come from run level {sorted(levels)}, expected {expect_level}"
+            )
     return problems
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--root", type=Path, default=ROOT, help="the book's root (holds _toc.yml)")
-    parser.add_argument("--html", type=Path, default=None, help="built site (default ROOT/_build/html)")
-    parser.add_argument("--expect-level", choices=["smoke", "demo", "full"], default=None,
-                        help="fail unless every chapter's outputs come from this run level")
+    parser.add_argument(
+        "--html", type=Path, default=None, help="built site (default ROOT/_build/html)"
+    )
+    parser.add_argument(
+        "--expect-level",
+        choices=["smoke", "demo", "full"],
+        default=None,
+        help="fail unless every chapter's outputs come from this run level",
+    )
     args = parser.parse_args(argv)
     html_root = (args.html or args.root / "_build" / "html").resolve()
     toc_path = args.root / "_toc.yml"
@@ -235,7 +261,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"check_site: no _toc.yml in {args.root}", file=sys.stderr)
         return 2
     if not html_root.is_dir():
-        print(f"check_site: {html_root} does not exist; build first: jupyter-book build .", file=sys.stderr)
+        print(
+            f"check_site: {html_root} does not exist; build first: jupyter-book build .",
+            file=sys.stderr,
+        )
         return 2
 
     problems = []
@@ -254,15 +283,19 @@ def main(argv: list[str] | None = None) -> int:
             figures += notebook_images(source)
     reports = html_root / "reports"
     if reports.is_dir() and any(reports.iterdir()):
-        problems.append(f"execution error reports exist in {reports.relative_to(html_root.parent.parent)}")
+        problems.append(
+            f"execution error reports exist in {reports.relative_to(html_root.parent.parent)}"
+        )
 
     if problems:
         print(f"check_site: {len(problems)} problem(s) in {html_root}:")
         for problem in problems:
             print(f"  - {problem}")
         return 1
-    print(f"check_site: OK: {len(names)} pages from _toc.yml, {figures} notebook figures, no errors, "
-          "no blank widgets, no local paths")
+    print(
+        f"check_site: OK: {len(names)} pages from _toc.yml, {figures} notebook figures, no errors, "
+        "no blank widgets, no local paths"
+    )
     return 0
 
 

@@ -30,7 +30,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
-MIN_INK = 0.008  # least fraction of non-white pixels in the text column of a page that shows something
+MIN_INK = (
+    0.008  # least fraction of non-white pixels in the text column of a page that shows something
+)
 
 
 def find_browser() -> str | None:
@@ -41,8 +43,17 @@ def find_browser() -> str | None:
 
 
 def chromium(browser: str, *args: str, timeout: float = 90) -> subprocess.CompletedProcess:
-    command = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-               "--no-first-run", "--disable-dev-shm-usage", "--virtual-time-budget=8000", *args]
+    command = [
+        browser,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--hide-scrollbars",
+        "--no-first-run",
+        "--disable-dev-shm-usage",
+        "--virtual-time-budget=8000",
+        *args,
+    ]
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout)
 
 
@@ -60,8 +71,8 @@ def read_png(path: Path) -> tuple[int, int, int, bytes]:
         raise ValueError(f"{path} is not a PNG")
     pos, idat, header = 8, [], None
     while pos < len(data):
-        (length,) = struct.unpack(">I", data[pos:pos + 4])
-        kind, body = data[pos + 4:pos + 8], data[pos + 8:pos + 8 + length]
+        (length,) = struct.unpack(">I", data[pos : pos + 4])
+        kind, body = data[pos + 4 : pos + 8], data[pos + 8 : pos + 8 + length]
         if kind == b"IHDR":
             header = struct.unpack(">IIBBBBB", body)
         elif kind == b"IDAT":
@@ -70,14 +81,16 @@ def read_png(path: Path) -> tuple[int, int, int, bytes]:
     width, height, depth, color, _, _, interlace = header
     channels = {0: 1, 2: 3, 4: 2, 6: 4}.get(color)
     if depth != 8 or channels is None or interlace:
-        raise ValueError(f"{path}: unsupported PNG (depth {depth}, colour type {color}, interlace {interlace})")
+        raise ValueError(
+            f"{path}: unsupported PNG (depth {depth}, colour type {color}, interlace {interlace})"
+        )
     raw = zlib.decompress(b"".join(idat))
     stride = width * channels
     out = bytearray(stride * height)
     previous = bytearray(stride)
     for y in range(height):
         kind = raw[y * (stride + 1)]
-        row = bytearray(raw[y * (stride + 1) + 1:(y + 1) * (stride + 1)])
+        row = bytearray(raw[y * (stride + 1) + 1 : (y + 1) * (stride + 1)])
         for i in range(stride):
             left = row[i - channels] if i >= channels else 0
             up = previous[i]
@@ -91,8 +104,10 @@ def read_png(path: Path) -> tuple[int, int, int, bytes]:
                 up_left = previous[i - channels] if i >= channels else 0
                 p = left + up - up_left
                 pa, pb, pc = abs(p - left), abs(p - up), abs(p - up_left)
-                row[i] = (row[i] + (left if pa <= pb and pa <= pc else up if pb <= pc else up_left)) & 0xFF
-        out[y * stride:(y + 1) * stride] = row
+                row[i] = (
+                    row[i] + (left if pa <= pb and pa <= pc else up if pb <= pc else up_left)
+                ) & 0xFF
+        out[y * stride : (y + 1) * stride] = row
         previous = row
     return width, height, channels, bytes(out)
 
@@ -109,7 +124,7 @@ def ink_fractions(path: Path) -> tuple[float, float]:
             for y in range(0, height, 2):  # every other row: plenty for a blank test
                 base = y * width * channels
                 for x in range(x0, x1, 2):
-                    px = pixels[base + x * channels:base + x * channels + min(channels, 3)]
+                    px = pixels[base + x * channels : base + x * channels + min(channels, 3)]
                     total += 1
                     dark += min(px) < 235
             return dark / max(total, 1)
@@ -133,11 +148,16 @@ def chapter_pages(root: Path) -> list[str]:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from check_site import source_of, toc_files
 
-    return [f"{name}.html" for name in toc_files(root / "_toc.yml")
-            if (source := source_of(root, name)) is not None and source.suffix == ".ipynb"]
+    return [
+        f"{name}.html"
+        for name in toc_files(root / "_toc.yml")
+        if (source := source_of(root, name)) is not None and source.suffix == ".ipynb"
+    ]
 
 
-def check(browser: str, html_root: Path, page: str, out_dir: Path, width: int, height: int) -> list[str]:
+def check(
+    browser: str, html_root: Path, page: str, out_dir: Path, width: int, height: int
+) -> list[str]:
     path = (html_root / page).resolve()
     if not path.is_file():
         return [f"{page}: not in the built site"]
@@ -147,12 +167,17 @@ def check(browser: str, html_root: Path, page: str, out_dir: Path, width: int, h
     url = path.as_uri()
     result = chromium(browser, f"--window-size={width},{height}", f"--screenshot={shot}", url)
     if not shot.is_file():
-        return [f"{page}: Chromium wrote no screenshot (exit {result.returncode}): {result.stderr.strip()[-300:]}"]
+        return [
+            f"{page}: Chromium wrote no screenshot (exit {result.returncode}): "
+            f"{result.stderr.strip()[-300:]}"
+        ]
     problems = []
     overall, column = ink_fractions(shot)
     if column < MIN_INK:
-        problems.append(f"{page}: the page looks blank ({overall:.1%} of pixels drawn, "
-                        f"{column:.1%} in the text column); see {shot}")
+        problems.append(
+            f"{page}: the page looks blank ({overall:.1%} of pixels drawn, "
+            f"{column:.1%} in the text column); see {shot}"
+        )
 
     source = path.read_text(encoding="utf-8")
     dom = chromium(browser, "--dump-dom", url).stdout
@@ -166,17 +191,28 @@ def check(browser: str, html_root: Path, page: str, out_dir: Path, width: int, h
     drawn = len(re.findall(r'class="[^"]*\bjupyter-widgets\b', dom))
     if views and drawn < views:
         problems.append(f"{page}: {views} widget view(s) but only {drawn} drawn: blank widgets")
-    print(f"  {page}: {overall:.1%} of pixels drawn ({column:.1%} in the text column), "
-          f"math {'typeset' if has_math else 'none'}, {views} widget view(s), screenshot {shot}")
+    print(
+        f"  {page}: {overall:.1%} of pixels drawn ({column:.1%} in the text column), "
+        f"math {'typeset' if has_math else 'none'}, {views} widget view(s), screenshot {shot}"
+    )
     return problems
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("pages", nargs="*", help="pages under the site, e.g. book/02_enwik8_bits_per_byte.html")
+    parser.add_argument(
+        "pages", nargs="*", help="pages under the site, e.g. book/02_enwik8_bits_per_byte.html"
+    )
     parser.add_argument("--root", type=Path, default=ROOT, help="the book's root (holds _toc.yml)")
-    parser.add_argument("--html", type=Path, default=None, help="built site (default ROOT/_build/html)")
-    parser.add_argument("--out", type=Path, default=None, help="where to keep the PNGs (default ROOT/_build/screenshots)")
+    parser.add_argument(
+        "--html", type=Path, default=None, help="built site (default ROOT/_build/html)"
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="where to keep the PNGs (default ROOT/_build/screenshots)",
+    )
     parser.add_argument("--width", type=int, default=1280)
     parser.add_argument("--height", type=int, default=1600)
     args = parser.parse_args(argv)
@@ -184,10 +220,16 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = (args.out or args.root / "_build" / "screenshots").resolve()
     browser = find_browser()
     if browser is None:
-        print("screenshot_check: no Chromium found; install it with: apt-get install -y chromium", file=sys.stderr)
+        print(
+            "screenshot_check: no Chromium found; install it with: apt-get install -y chromium",
+            file=sys.stderr,
+        )
         return 2
     if not html_root.is_dir():
-        print(f"screenshot_check: {html_root} does not exist; build first: jupyter-book build .", file=sys.stderr)
+        print(
+            f"screenshot_check: {html_root} does not exist; build first: jupyter-book build .",
+            file=sys.stderr,
+        )
         return 2
     pages = args.pages or chapter_pages(args.root)
     if not pages:

@@ -1,4 +1,5 @@
-"""Speed benchmarks: QRNN against LSTM, the forget-mult, attention memory, training steps.
+"""Speed benchmarks: QRNN against LSTM, the forget-mult, attention memory, training steps, the
+training loop.
 
     python -m shaq.bench                       # full run, the shapes of the README tables
     python -m shaq.bench --quick               # small shapes, few repeats: well under a minute
@@ -19,17 +20,22 @@ B * T. The sections:
   the QRNN layer's time that its elementwise part (qrnn_pool) and the forget-mult take.
 - attention: one SingleHeadAttention forward+backward against memory length, next to the
   reference-style attention (explicit matmuls, additive mask, dropout on probabilities).
-- step: whole training steps (forward, backward, clip, LAMB) of SHAQ, shaq's SHARNN and
-  `ReferenceStyleSHARNN`, a re-creation of how the original sha-rnn code computes, with
-  bytes/s, peak memory and model FLOP utilisation (MFU, see `shaq.flops`).
+- step: whole training steps (forward, backward, clip, LAMB) of SHAQ, shaq's SHARNN,
+  `ReferenceStyleSHARNN` (a re-creation of how the original sha-rnn code computes) and
+  Shatter (`shaq.shatter`), each at the shape's preset, with bytes/s, peak memory and model
+  FLOP utilisation (MFU, see `shaq.flops`).
+- trainer: SHAQ's training bytes/s in `shaq.train.Trainer` against its isolated step at the
+  same shape, measured in one sitting (the goal: at least 95% of the isolated step's).
+- codec: `shaq.compress` and `shaq.decompress` in bytes/s with one lane and with the default
+  number, SHAQ at the trainer section's preset (`shaq.bench.codec`).
 - compile (only with --compile): a torch.compile'd SHAQ step at the cpu preset against eager.
 - profile (only with --profile SHAPE): one SHAQ and one SHARNN step at that shape under
   torch.profiler: time by phase and the operators that take it.
 
 On the CPU the benchmark first makes glibc keep freed memory for reuse
 (`tune_cpu_allocator`; --no-malloc-tuning leaves malloc alone), so that the big activations
-of a step are not page-faulted in afresh every step. All three models of the step section
-run under the same setting.
+of a step are not page-faulted in afresh every step. All the models of the step section
+(and the trainer) run under the same setting.
 
 Timings are only meaningful on a quiet machine: other processes on the same cores slow
 small-op code several times over. The benchmark measures how much CPU other processes take
@@ -55,6 +61,7 @@ from collections.abc import Callable
 
 import torch
 
+from shaq.bench.codec import bench_codec
 from shaq.bench.harness import (
     QUIET_OTHERS_CORES,
     Context,
@@ -76,6 +83,7 @@ from shaq.bench.sections import (
     bench_forget_mult,
     bench_rnn,
     bench_steps,
+    bench_trainer,
     full_plan,
     make_step,
     matmul_peak,
@@ -83,58 +91,107 @@ from shaq.bench.sections import (
     quick_plan,
 )
 from shaq.device import cpu_has_bf16, pick_device
+
 # _extension_for is private; the bench only reports whether the C++ kernels are in use.
 from shaq.nn.forget_mult import _extension_for
 from shaq.nn.onednn import onednn_available
 
 __all__ = [
-    "SECTIONS", "Context", "CpuMonitor", "PeakMemory", "Plan", "ReferenceStyleAttention",
-    "ReferenceStyleSHARNN", "StepShape", "assess_contention", "bench_attention", "bench_compile",
-    "bench_forget_mult", "bench_rnn", "bench_steps", "format_section", "full_plan", "main", "make_step",
-    "matmul_peak", "median_time", "parse_args", "profile_steps", "quick_plan", "synchronize", "table",
-    "time_calls", "tune_cpu_allocator",
+    "SECTIONS",
+    "Context",
+    "CpuMonitor",
+    "PeakMemory",
+    "Plan",
+    "ReferenceStyleAttention",
+    "ReferenceStyleSHARNN",
+    "StepShape",
+    "assess_contention",
+    "bench_attention",
+    "bench_codec",
+    "bench_compile",
+    "bench_forget_mult",
+    "bench_rnn",
+    "bench_steps",
+    "bench_trainer",
+    "format_section",
+    "full_plan",
+    "main",
+    "make_step",
+    "matmul_peak",
+    "median_time",
+    "parse_args",
+    "profile_steps",
+    "quick_plan",
+    "synchronize",
+    "table",
+    "time_calls",
+    "tune_cpu_allocator",
 ]
 
 # The sections a run without --only measures, in the order it measures them.
-SECTIONS = ("rnn", "forget_mult", "attention", "step")
+SECTIONS = ("rnn", "forget_mult", "attention", "step", "trainer", "codec")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """The command line (sys.argv[1:] when argv is None)."""
-    parser = argparse.ArgumentParser(prog="python -m shaq.bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true",
-                        help="small shapes and few repeats (under a minute)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
-    parser.add_argument("--bf16", action="store_true",
-                        help="bfloat16 autocast (CPUs with AVX512-BF16/AMX, GPUs)")
+    parser = argparse.ArgumentParser(
+        prog="python -m shaq.bench", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="small shapes and few repeats (under a minute)"
+    )
+    parser.add_argument(
+        "--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)"
+    )
+    parser.add_argument(
+        "--bf16", action="store_true", help="bfloat16 autocast (CPUs with AVX512-BF16/AMX, GPUs)"
+    )
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
     parser.add_argument("--only", nargs="+", choices=SECTIONS, help="run only these sections")
-    parser.add_argument("--compile", action="store_true",
-                        help="time a torch.compile'd SHAQ step against eager (costs minutes of compilation "
-                             "on a CPU); runs alone unless --only names sections too")
-    parser.add_argument("--profile", metavar="SHAPE",
-                        help="profile one SHAQ and one SHARNN step at this step shape (cpu, small, paper; "
-                             "with --quick: smoke, tiny-paper): time by phase and by operator; runs alone "
-                             "unless --only names sections too")
-    parser.add_argument("--no-malloc-tuning", action="store_true",
-                        help="leave glibc's malloc as it is (see tune_cpu_allocator)")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="time a torch.compile'd SHAQ step against eager (costs minutes of compilation "
+        "on a CPU); runs alone unless --only names sections too",
+    )
+    parser.add_argument(
+        "--profile",
+        metavar="SHAPE",
+        help="profile one SHAQ and one SHARNN step at this step shape (cpu, small, paper; "
+        "with --quick: smoke, tiny-paper): time by phase and by operator; runs alone "
+        "unless --only names sections too",
+    )
+    parser.add_argument(
+        "--no-malloc-tuning",
+        action="store_true",
+        help="leave glibc's malloc as it is (see tune_cpu_allocator)",
+    )
     return parser.parse_args(argv)
 
 
 def _machine(device: torch.device) -> dict:
     """What the numbers were measured on: versions, CPU or GPU, which fast paths are in use."""
-    info = {"device": str(device), "torch": torch.__version__, "python": platform.python_version(),
-            "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine()}
+    info = {
+        "device": str(device),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "threads": torch.get_num_threads(),
+        "cpu": platform.processor() or platform.machine(),
+    }
     try:
         with open("/proc/cpuinfo") as f:
-            info["cpu"] = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+            info["cpu"] = next(
+                line.split(":", 1)[1].strip() for line in f if line.startswith("model name")
+            )
     except (OSError, StopIteration):
         pass
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     if device.type == "cpu":
-        info["cpu_bf16"] = {"avx512_bf16": torch.cpu._is_avx512_bf16_supported(),
-                            "amx": torch.cpu._is_amx_tile_supported()}
+        info["cpu_bf16"] = {
+            "avx512_bf16": torch.cpu._is_avx512_bf16_supported(),
+            "amx": torch.cpu._is_amx_tile_supported(),
+        }
         info["forget_mult_extension"] = _extension_for(torch.empty(0)) is not None
         info["onednn_linear"] = onednn_available()
     return info
@@ -148,32 +205,49 @@ def main(argv: list[str] | None = None) -> dict:
     shapes = [s.name for s in plan.steps]
     if args.profile and args.profile not in shapes:
         which = "quick" if args.quick else "full"
-        raise SystemExit(f"--profile takes one of the {which} plan's step shapes {shapes}, "
-                         f"not {args.profile!r}")
+        raise SystemExit(
+            f"--profile takes one of the {which} plan's step shapes {shapes}, not {args.profile!r}"
+        )
     if args.bf16 and device.type == "cpu" and not cpu_has_bf16():
-        raise SystemExit("--bf16 on this CPU: it has no bf16 instructions (AVX512-BF16 or AMX), so "
-                         "oneDNN would emulate bf16 slowly and has no bf16 LSTM at all; run the bench "
-                         "without --bf16")
+        raise SystemExit(
+            "--bf16 on this CPU: it has no bf16 instructions (AVX512-BF16 or AMX), so "
+            "oneDNN would emulate bf16 slowly and has no bf16 LSTM at all; run the bench "
+            "without --bf16"
+        )
     ctx = Context(device, args.bf16, plan.repeats)
     monitor = CpuMonitor()
     # --compile or --profile alone runs only that; with --only, those sections as well.
     sections = args.only or (() if args.profile or args.compile else SECTIONS)
 
     malloc_tuned = device.type == "cpu" and not args.no_malloc_tuning and tune_cpu_allocator()
-    results = {"meta": _machine(device) | {
-        "quick": args.quick, "bf16": args.bf16, "malloc_tuned": malloc_tuned,
-        "argv": sys.argv[1:] if argv is None else argv}}
+    results = {
+        "meta": _machine(device)
+        | {
+            "quick": args.quick,
+            "bf16": args.bf16,
+            "malloc_tuned": malloc_tuned,
+            "argv": sys.argv[1:] if argv is None else argv,
+        }
+    }
     idle = monitor.idle_probe(plan.idle_probe_s)
-    contention = {"loadavg_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-                  "others_cores_idle": idle, "others_cores": {}}
+    contention = {
+        "loadavg_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "others_cores_idle": idle,
+        "others_cores": {},
+    }
     results["contention"] = contention
     if idle is not None and idle >= QUIET_OTHERS_CORES:
-        print(f"WARNING: other processes already use {idle:.2f} cores: timings will be unreliable",
-              file=sys.stderr)
+        print(
+            f"WARNING: other processes already use {idle:.2f} cores: timings will be unreliable",
+            file=sys.stderr,
+        )
     machine = results["meta"]["cpu"] if device.type == "cpu" else results["meta"].get("gpu", device)
     options = [f"{ctx.repeats} repeats"]
-    for flag, text in [(args.bf16, "bf16 autocast"), (args.quick, "quick"),
-                       (malloc_tuned, "malloc keeps freed memory")]:
+    for flag, text in [
+        (args.bf16, "bf16 autocast"),
+        (args.quick, "quick"),
+        (malloc_tuned, "malloc keeps freed memory"),
+    ]:
         if flag:
             options.append(text)
     print(f"shaq.bench on {machine} ({device}; {', '.join(options)})")
@@ -192,6 +266,8 @@ def main(argv: list[str] | None = None) -> dict:
         "forget_mult": lambda: bench_forget_mult(ctx, plan),
         "attention": lambda: bench_attention(ctx, plan),
         "step": lambda: bench_steps(ctx, plan, peak),
+        "trainer": lambda: bench_trainer(ctx, plan),
+        "codec": lambda: bench_codec(ctx, plan.trainer, plan.codec_positions),
     }
     for name in SECTIONS:
         if name in sections:

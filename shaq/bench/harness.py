@@ -44,7 +44,9 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_calls(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int) -> list[float]:
+def time_calls(
+    fn: Callable[[], object], device: torch.device, warmup: int, repeats: int
+) -> list[float]:
     """Seconds of each of `repeats` calls of fn, after `warmup` untimed calls."""
     for _ in range(warmup):
         fn()
@@ -73,7 +75,9 @@ def _proc_stat() -> tuple[int, int] | None:
     """
     try:
         with open("/proc/stat") as f:
-            user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, f.readline().split()[1:9])
+            user, nice, system, _idle, _iowait, irq, softirq, steal = map(
+                int, f.readline().split()[1:9]
+            )
         with open("/proc/self/stat") as f:
             # Field 2 (the command) may hold spaces; utime and stime are fields 14 and 15.
             after_command = f.read().rsplit(")", 1)[1].split()
@@ -127,8 +131,10 @@ def assess_contention(contention: dict) -> dict:
     if drift >= PEAK_DRIFT:
         problems.append(f"the matmul peak moved by {100 * drift:.0f}% during the run")
     others = f"{max(measured):.2f} cores at most" if measured else "unknown (no /proc/stat)"
-    summary = (f"other processes used {others}; matmul peak {start:.0f} GFLOP/s at the start, "
-               f"{end:.0f} at the end")
+    summary = (
+        f"other processes used {others}; matmul peak {start:.0f} GFLOP/s at the start, "
+        f"{end:.0f} at the end"
+    )
     warning = None
     if problems:
         warning = "; ".join(problems) + ": timings are unreliable, re-run on a quiet machine"

@@ -37,7 +37,9 @@ class ReferenceStyleAttention(nn.Module):
         self.vs = nn.Parameter(torch.zeros(d_model))
         self.value_gate = Overparam(d_model)
 
-    def forward(self, query: torch.Tensor, keys_values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, query: torch.Tensor, keys_values: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
         """query [T, B, d], keys_values [S, B, d], mask [T, S] additive -> [T, B, d]."""
         d = query.shape[-1]
         q = self.query_norm(self.query(query).float()) * torch.sigmoid(self.qs)
@@ -62,7 +64,9 @@ class ReferenceStyleBoom(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., d] -> [..., d]: the expanded activations, cut into d-wide chunks, summed."""
         u = self.up(x)
-        u = F.dropout(u * torch.sigmoid(1.702 * u), self.dropout, self.training)  # the original's GELU, as written
+        u = F.dropout(
+            u * torch.sigmoid(1.702 * u), self.dropout, self.training
+        )  # the original's GELU, as written
         return u.view(*u.shape[:-1], -1, self.d_model).sum(dim=-2)
 
 
@@ -85,7 +89,11 @@ class ReferenceStyleBlock(nn.Module):
         self.boom = ReferenceStyleBoom(d, config.boom_expansion, p)
 
     def forward(
-        self, x: torch.Tensor, hidden: LSTMState | None, memory: torch.Tensor | None, mask: torch.Tensor
+        self,
+        x: torch.Tensor,
+        hidden: LSTMState | None,
+        memory: torch.Tensor | None,
+        mask: torch.Tensor,
     ) -> tuple[torch.Tensor, LSTMState, torch.Tensor | None]:
         """x [T, B, d] -> (y [T, B, d], hidden, memory [M', B, d] or None)."""
         h, hidden = self.rnn(self.ln_start(x), hidden)
@@ -116,7 +124,9 @@ class ReferenceStyleSHARNN(nn.Module):
     def __init__(self, config: SHARNNConfig) -> None:
         super().__init__()
         if config.rnn != "lstm" or not config.overparam or not config.boom_shortcut:
-            raise ValueError("ReferenceStyleSHARNN re-creates the original: LSTM, Overparam, Boom shortcut")
+            raise ValueError(
+                "ReferenceStyleSHARNN re-creates the original: LSTM, Overparam, Boom shortcut"
+            )
         self.config = config
         attention = set(config.attention_blocks)
         self.embedding = nn.Embedding(config.vocab_size, config.d_model)
@@ -163,10 +173,12 @@ class ReferenceStyleSHARNN(nn.Module):
         mask = torch.cat([torch.zeros(T, M, device=x.device), causal], dim=1)  # [T, M + T]
         h = F.dropout(self.embedding(x), c.dropout_input, self.training)
         new_hidden, new_memory = [], []
-        for block, hid, mem in zip(self.blocks, hidden, memory):
+        for block, hid, mem in zip(self.blocks, hidden, memory, strict=True):
             h, hid, mem = block(h, hid, mem, mask)
             new_hidden.append(hid)
-            new_memory.append(mem[-c.memory_len:] if mem is not None and c.memory_len > 0 else None)
+            new_memory.append(
+                mem[-c.memory_len :] if mem is not None and c.memory_len > 0 else None
+            )
         h = F.dropout(h, c.dropout_output, self.training)
         logits = F.linear(h, self.embedding.weight, self.decoder_bias)
         loss = None

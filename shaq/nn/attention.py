@@ -34,7 +34,9 @@ class Overparam(nn.Module):
 class SingleHeadAttention(nn.Module):
     """Single-head attention over [memory; current segment], as in SHA-RNN.
 
-    q = LayerNorm(W_q a + b_q) * sigmoid(qs);  k = kv * sigmoid(ks);  v = kv * Overparam(sigmoid(vs))
+    q = LayerNorm(W_q a + b_q) * sigmoid(qs)
+    k = kv * sigmoid(ks)
+    v = kv * Overparam(sigmoid(vs))
     y = softmax(q k^T / sqrt(d) + causal mask) v
 
     No key, value or output projection. The causal mask is aligned to the *end* of the keys:
@@ -69,7 +71,12 @@ class SingleHeadAttention(nn.Module):
         return torch.sigmoid(self.qs), torch.sigmoid(self.ks), g_v
 
     def forward(
-        self, query: torch.Tensor, keys_values: torch.Tensor, return_weights: bool = False, *, frozen: int = 0
+        self,
+        query: torch.Tensor,
+        keys_values: torch.Tensor,
+        return_weights: bool = False,
+        *,
+        frozen: int = 0,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Attend from the segment over memory plus segment.
 

@@ -31,7 +31,13 @@ from shaq.nn.onednn import mm
 
 
 def gated_attention(
-    q: Tensor, kv: Tensor, g_q: Tensor, g_k: Tensor, g_v: Tensor, p: float = 0.0, frozen: int = 0,
+    q: Tensor,
+    kv: Tensor,
+    g_q: Tensor,
+    g_k: Tensor,
+    g_v: Tensor,
+    p: float = 0.0,
+    frozen: int = 0,
     return_weights: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
     """softmax(dropout(q * g_q) (kv * g_k)^T / sqrt(d) + causal mask) dropout(kv * g_v), dropout p
@@ -62,8 +68,12 @@ def gated_attention(
         # would align it with their start, and needs no mask tensor on CUDA.
         v = dropout(kv, p) if p > 0 else kv
         y = F.scaled_dot_product_attention(
-            q.unsqueeze(1), kv.unsqueeze(1), v.unsqueeze(1),
-            attn_mask=causal_lower_right(T, S), dropout_p=p, scale=1.0,
+            q.unsqueeze(1),
+            kv.unsqueeze(1),
+            v.unsqueeze(1),
+            attn_mask=causal_lower_right(T, S),
+            dropout_p=p,
+            scale=1.0,
         ).squeeze(1)
         weights = None
     return y.to(dtype) * g_v, weights if return_weights else None
@@ -105,9 +115,11 @@ class _ExplicitAttention(torch.autograd.Function):
             v = masked_scale(kv, keep_v, 1 / (1 - p)) if p > 0 else kv
             for i in range(B):
                 scores = mm(q[i], kv[i].t())  # [T, S]
-                scores[:, S - T:].masked_fill_(future, float("-inf"))  # query t sees keys <= M + t
+                scores[:, S - T :].masked_fill_(future, float("-inf"))  # query t sees keys <= M + t
                 torch.softmax(scores, dim=-1, out=weights[i])
-                y[i] = mm(masked_scale(weights[i], keep_p[i], 1 / (1 - p)) if p > 0 else weights[i], v[i])
+                y[i] = mm(
+                    masked_scale(weights[i], keep_p[i], 1 / (1 - p)) if p > 0 else weights[i], v[i]
+                )
         ctx.save_for_backward(q, kv, weights, keep_p, keep_v)
         ctx.p, ctx.frozen = p, frozen
         ctx.mark_non_differentiable(weights)
@@ -143,4 +155,9 @@ class _ExplicitAttention(torch.autograd.Function):
                     masked_scale(dv, keep_v[i, n:], scale, out=dv)
                 dkv[i, n:] = mm(dS[:, n:].t(), q[i]).add_(dv)
         q_dtype, kv_dtype = ctx.dtypes
-        return (dq.to(q_dtype) if need_q else None), (dkv.to(kv_dtype) if need_kv else None), None, None
+        return (
+            (dq.to(q_dtype) if need_q else None),
+            (dkv.to(kv_dtype) if need_kv else None),
+            None,
+            None,
+        )

@@ -28,10 +28,14 @@ class Boom(nn.Module):
     Shapes: x [B, T, d] -> [B, T, d].
     """
 
-    def __init__(self, d_model: int, expansion: int = 4, dropout: float = 0.0, shortcut: bool = True):
+    def __init__(
+        self, d_model: int, expansion: int = 4, dropout: float = 0.0, shortcut: bool = True
+    ):
         super().__init__()
         if d_model < 1 or expansion < 1:
-            raise ValueError(f"Boom needs d_model >= 1 and expansion >= 1, got {d_model} and {expansion}")
+            raise ValueError(
+                f"Boom needs d_model >= 1 and expansion >= 1, got {d_model} and {expansion}"
+            )
         self.d_model = d_model
         self.expansion = expansion
         self.shortcut = shortcut
@@ -43,4 +47,6 @@ class Boom(nn.Module):
         u = self.dropout(gelu(self.up(x)))  # [B, T, N*d]
         if self.down is not None:
             return self.down(u)
-        return u.unflatten(-1, (self.expansion, self.d_model)).sum(dim=-2)  # [B, T, N, d] -> [B, T, d]
+        return u.unflatten(-1, (self.expansion, self.d_model)).sum(
+            dim=-2
+        )  # [B, T, N, d] -> [B, T, d]

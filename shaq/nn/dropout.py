@@ -50,7 +50,9 @@ def _for_each_chunk(n: int, chunk: int, fn) -> None:
         list(_threads().map(fn, range(n_chunks)))
 
 
-def bernoulli_mask(shape: torch.Size | tuple[int, ...], keep: float, device: torch.device | str = "cpu") -> Tensor:
+def bernoulli_mask(
+    shape: torch.Size | tuple[int, ...], keep: float, device: torch.device | str = "cpu"
+) -> Tensor:
     """A bool tensor of `shape` whose elements are True with probability `keep`.
 
     On the CPU the draws come from the global CPU generator (a single draw per chunk seeds
@@ -69,11 +71,11 @@ def bernoulli_mask(shape: torch.Size | tuple[int, ...], keep: float, device: tor
 
     @torch.no_grad()
     def draw(i: int) -> None:
-        out = flat[i * chunk:(i + 1) * chunk]
+        out = flat[i * chunk : (i + 1) * chunk]
         bits = torch.empty((out.numel() + 1) // 2, dtype=torch.int64)
         # from/to span all 64 bits (to is exclusive, so one value in 2^64 never occurs).
         bits.random_(-(2**63), 2**63 - 1, generator=torch.Generator().manual_seed(seeds[i]))
-        torch.lt(bits.view(torch.int32)[:out.numel()], threshold, out=out)
+        torch.lt(bits.view(torch.int32)[: out.numel()], threshold, out=out)
 
     _for_each_chunk(flat.numel(), chunk, draw)
     return mask

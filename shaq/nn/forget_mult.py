@@ -17,7 +17,8 @@ recurrence, run backwards. Everything else is elementwise given r:
 
 Public API:
     forget_mult(f, z, c0)                    the recurrence as a custom autograd Function
-    forget_mult_reference(f, z, c0)          an obviously-correct Python loop, for tests and the book
+    forget_mult_reference(f, z, c0)          an obviously-correct Python loop, for tests and
+                                             the book
     qrnn_pool(gates, c0, output_gate)        gate nonlinearities + recurrence + output gate, fused
     qrnn_pool_reference(gates, c0, output_gate)  the same from torch ops and the reference loop
 
@@ -47,7 +48,6 @@ import warnings
 from functools import cache
 from pathlib import Path
 from types import ModuleType
-from typing import Optional
 
 import torch
 from torch import Tensor
@@ -58,7 +58,7 @@ _CSRC = Path(__file__).parent / "csrc"
 
 
 @cache
-def _load_extension() -> Optional[ModuleType]:
+def _load_extension() -> ModuleType | None:
     """Compile (first time only) and import the C++ kernels, or return None if that fails."""
     try:
         from torch.utils.cpp_extension import load
@@ -76,7 +76,9 @@ def _load_extension() -> Optional[ModuleType]:
             extra_ldflags=["-fopenmp"],
         )
     except Exception as e:  # no compiler, no ninja, a build error, a read-only cache, ...
-        reason = (str(e).strip().splitlines() or [""])[0][:160]  # build errors quote whole command lines
+        reason = (str(e).strip().splitlines() or [""])[0][
+            :160
+        ]  # build errors quote whole command lines
         warnings.warn(
             f"shaq: C++ forget_mult extension unavailable ({type(e).__name__}: {reason}); "
             "using the pure-PyTorch loop",
@@ -86,7 +88,7 @@ def _load_extension() -> Optional[ModuleType]:
         return None
 
 
-def _extension_for(x: Tensor) -> Optional[ModuleType]:
+def _extension_for(x: Tensor) -> ModuleType | None:
     """The compiled kernels if they apply to tensors like x, else None (use the torch loop)."""
     if not switches.use_extension or x.device.type != "cpu":
         return None
@@ -97,7 +99,9 @@ def _chunked(x: Tensor) -> bool:
     """Whether the torch path runs linear_scan's chunked scan (else one op per time step)."""
     mode = switches.scan_mode
     if mode not in ("auto", "steps", "chunked"):
-        raise ValueError(f"shaq.nn.switches.scan_mode must be 'auto', 'steps' or 'chunked', not {mode!r}")
+        raise ValueError(
+            f"shaq.nn.switches.scan_mode must be 'auto', 'steps' or 'chunked', not {mode!r}"
+        )
     return mode == "chunked" or (mode == "auto" and x.device.type != "cpu")
 
 
@@ -109,7 +113,7 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 # forget_mult
 
 
-def forget_mult_reference(f: Tensor, z: Tensor, c0: Optional[Tensor] = None) -> Tensor:
+def forget_mult_reference(f: Tensor, z: Tensor, c0: Tensor | None = None) -> Tensor:
     """The recurrence as a plain loop over time, differentiated by autograd.
 
     Args:
@@ -124,7 +128,7 @@ def forget_mult_reference(f: Tensor, z: Tensor, c0: Optional[Tensor] = None) -> 
     cs = []
     # unbind, not f[:, t]: indexing inside autograd records a select node per step whose
     # backward materialises a full [B, T, H] gradient, making the backward O(T^2).
-    for f_t, z_t in zip(f.unbind(1), z.unbind(1)):
+    for f_t, z_t in zip(f.unbind(1), z.unbind(1), strict=True):
         c = f_t * c + (1 - f_t) * z_t
         cs.append(c)
     return torch.stack(cs, dim=1)
@@ -169,7 +173,9 @@ def linear_scan(a: Tensor, b: Tensor, h0: Tensor) -> Tensor:
     entering = torch.empty(B, N, H, dtype=b.dtype, device=b.device)
     entering[:, 0] = h0
     for n in range(1, N):
-        torch.addcmul(local[:, n - 1, -1], products[:, n - 1, -1], entering[:, n - 1], out=entering[:, n])
+        torch.addcmul(
+            local[:, n - 1, -1], products[:, n - 1, -1], entering[:, n - 1], out=entering[:, n]
+        )
     h = local.addcmul_(products, entering.unsqueeze(2))
     return h.view(B, N * L, H)[:, :T]
 
@@ -181,7 +187,7 @@ class _ForgetMult(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, f: Tensor, z: Tensor, c0: Tensor, ext: Optional[ModuleType]) -> Tensor:
+    def forward(ctx, f: Tensor, z: Tensor, c0: Tensor, ext: ModuleType | None) -> Tensor:
         if ext is not None:
             c = ext.forget_mult_forward(f, z, c0)
         elif _chunked(z):
@@ -191,7 +197,7 @@ class _ForgetMult(torch.autograd.Function):
             c_prev = c0
             # One fused op per step, written straight into the output:
             # lerp(z, c_prev, f) = z + f * (c_prev - z) = f * c_prev + (1 - f) * z.
-            for f_t, z_t, c_t in zip(f.unbind(1), z.unbind(1), c.unbind(1)):
+            for f_t, z_t, c_t in zip(f.unbind(1), z.unbind(1), c.unbind(1), strict=True):
                 torch.lerp(z_t, c_prev, f_t, out=c_t)
                 c_prev = c_t
         ctx.save_for_backward(f, z, c0, c)
@@ -200,7 +206,7 @@ class _ForgetMult(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_c: Tensor) -> tuple[Optional[Tensor], ...]:
+    def backward(ctx, grad_c: Tensor) -> tuple[Tensor | None, ...]:
         f, z, c0, c = ctx.saved_tensors
         grad_c = grad_c.contiguous()
         if ctx.ext is not None:
@@ -225,14 +231,16 @@ class _ForgetMult(torch.autograd.Function):
         return df, dz, dc0, None
 
 
-def _check_fz(f: Tensor, z: Tensor, c0: Optional[Tensor]) -> None:
+def _check_fz(f: Tensor, z: Tensor, c0: Tensor | None) -> None:
     if f.dim() != 3 or f.shape != z.shape:
-        raise ValueError(f"f and z must both be [B, T, H], got {tuple(f.shape)} and {tuple(z.shape)}")
+        raise ValueError(
+            f"f and z must both be [B, T, H], got {tuple(f.shape)} and {tuple(z.shape)}"
+        )
     if c0 is not None and c0.shape != (z.shape[0], z.shape[2]):
         raise ValueError(f"c0 must be [B, H] = {(z.shape[0], z.shape[2])}, got {tuple(c0.shape)}")
 
 
-def forget_mult(f: Tensor, z: Tensor, c0: Optional[Tensor] = None) -> Tensor:
+def forget_mult(f: Tensor, z: Tensor, c0: Tensor | None = None) -> Tensor:
     """c_t = f_t * c_{t-1} + (1 - f_t) * z_t over a whole segment, with a fast backward.
 
     Args:
@@ -255,7 +263,7 @@ def forget_mult(f: Tensor, z: Tensor, c0: Optional[Tensor] = None) -> Tensor:
 # qrnn_pool: the QRNN's elementwise work around its matmul, fused
 
 
-def _split_gates(gates: Tensor, output_gate: bool) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+def _split_gates(gates: Tensor, output_gate: bool) -> tuple[Tensor, Tensor, Tensor | None]:
     """[B, T, G * H] pre-activations -> z, f, o views of [B, T, H] each (o is None when G = 2)."""
     if output_gate:
         z, f, o = gates.chunk(3, dim=-1)
@@ -265,7 +273,7 @@ def _split_gates(gates: Tensor, output_gate: bool) -> tuple[Tensor, Tensor, Opti
 
 
 def qrnn_pool_reference(
-    gates: Tensor, c0: Optional[Tensor] = None, output_gate: bool = True
+    gates: Tensor, c0: Tensor | None = None, output_gate: bool = True
 ) -> tuple[Tensor, Tensor]:
     """QRNN fo-pooling from torch ops and forget_mult_reference (see qrnn_pool for the API)."""
     z, f, o = _split_gates(gates, output_gate)
@@ -281,7 +289,9 @@ class _QRNNPool(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, gates: Tensor, c0: Tensor, output_gate: bool, ext: ModuleType) -> tuple[Tensor, Tensor]:
+    def forward(
+        ctx, gates: Tensor, c0: Tensor, output_gate: bool, ext: ModuleType
+    ) -> tuple[Tensor, Tensor]:
         h, c = ext.qrnn_pool_forward(gates, c0, output_gate)
         ctx.save_for_backward(gates, c0, c)
         ctx.output_gate, ctx.ext = output_gate, ext
@@ -290,7 +300,7 @@ class _QRNNPool(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_h: Tensor, grad_c_last: Tensor) -> tuple[Optional[Tensor], ...]:
+    def backward(ctx, grad_h: Tensor, grad_c_last: Tensor) -> tuple[Tensor | None, ...]:
         gates, c0, c = ctx.saved_tensors
         dgates, dc0 = ctx.ext.qrnn_pool_backward(
             gates, c0, c, grad_h.contiguous(), grad_c_last.contiguous(), ctx.output_gate
@@ -298,7 +308,9 @@ class _QRNNPool(torch.autograd.Function):
         return dgates, dc0, None, None
 
 
-def qrnn_pool(gates: Tensor, c0: Optional[Tensor] = None, output_gate: bool = True) -> tuple[Tensor, Tensor]:
+def qrnn_pool(
+    gates: Tensor, c0: Tensor | None = None, output_gate: bool = True
+) -> tuple[Tensor, Tensor]:
     """A QRNN layer's pooling: gate nonlinearities, the forget-mult and the output gate.
 
     With z, f, o = gates.chunk(3, dim=-1) (z, f = gates.chunk(2, dim=-1) without the output gate):
@@ -311,7 +323,8 @@ def qrnn_pool(gates: Tensor, c0: Optional[Tensor] = None, output_gate: bool = Tr
     a few 1e-7 of torch's.
 
     Args:
-        gates: [B, T, G * H] pre-activations, G = 3 (z, f, o) or 2 (z, f), blocks along the last dim.
+        gates: [B, T, G * H] pre-activations, G = 3 (z, f, o) or 2 (z, f), blocks along the
+            last dim.
         c0: [B, H] initial cell, or None for zeros.
         output_gate: whether gates holds o (fo-pooling) or not (f-pooling).
 

@@ -33,20 +33,29 @@ class LSTM(nn.LSTM):
     def __init__(self, input_size: int, hidden_size: int):
         super().__init__(input_size, hidden_size, batch_first=True)
 
-    def forward(self, x: torch.Tensor, state: LSTMState | None = None) -> tuple[torch.Tensor, LSTMState]:
+    def forward(
+        self, x: torch.Tensor, state: LSTMState | None = None
+    ) -> tuple[torch.Tensor, LSTMState]:
         """x [B, T, I] and the previous segment's state (None: zeros) -> out [B, T, H] and the
         state to carry, float32 under autocast (float64 stays float64), so that a state carried
         over many segments is not rounded to 8 bits at every boundary."""
         # The state in x's dtype: autocast then casts x, state and weights alike.
-        hc = None if state is None else tuple(t.unsqueeze(0).to(x.dtype).contiguous() for t in state)
+        hc = (
+            None if state is None else tuple(t.unsqueeze(0).to(x.dtype).contiguous() for t in state)
+        )
         if self._in_float32(x):
             with torch.autocast("cpu", enabled=False):
-                out, (h, c) = super().forward(x.float(), None if hc is None else tuple(t.float() for t in hc))
+                out, (h, c) = super().forward(
+                    x.float(), None if hc is None else tuple(t.float() for t in hc)
+                )
         else:
             out, (h, c) = super().forward(x, hc)
         return out, LSTMState(_widen(h[0]), _widen(c[0]))
 
     def _in_float32(self, x: torch.Tensor) -> bool:
         """Whether this call leaves CPU bf16 autocast (see the class docstring)."""
-        return (x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
-                and (self.hidden_size > switches.cpu_bf16_lstm_max_hidden or not cpu_has_bf16()))
+        return (
+            x.device.type == "cpu"
+            and torch.is_autocast_enabled("cpu")
+            and (self.hidden_size > switches.cpu_bf16_lstm_max_hidden or not cpu_has_bf16())
+        )

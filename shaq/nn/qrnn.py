@@ -39,7 +39,9 @@ class QRNN(nn.Module):
     f close to 1 keeps the old cell, as in the paper (pytorch-qrnn's kernel flips this).
     """
 
-    def __init__(self, input_size: int, hidden_size: int, window: int = 1, output_gate: bool = True):
+    def __init__(
+        self, input_size: int, hidden_size: int, window: int = 1, output_gate: bool = True
+    ):
         super().__init__()
         if window not in (1, 2):
             raise ValueError(f"QRNN window must be 1 or 2, got {window}")
@@ -49,7 +51,9 @@ class QRNN(nn.Module):
         self.output_gate = output_gate
         self.gates = Linear(window * input_size, (3 if output_gate else 2) * hidden_size)
 
-    def forward(self, x: torch.Tensor, state: QRNNState | None = None) -> tuple[torch.Tensor, QRNNState]:
+    def forward(
+        self, x: torch.Tensor, state: QRNNState | None = None
+    ) -> tuple[torch.Tensor, QRNNState]:
         """x [B, T, I] and the previous segment's state (None: zeros) -> h [B, T, H] and the
         state to carry. The carried cell and input are float32 under autocast, so that a state
         carried over many segments is not rounded to 8 bits at every boundary."""

@@ -1,0 +1,277 @@
+"""Tune the `cpu` preset for time to quality: runs of equal wall-clock, one after another.
+
+Each run trains SHAQ at the cpu preset with some settings changed, for the same number of
+minutes, on the stand-in, in a fresh process, and records its summary (steps, bytes, bytes/s,
+valid and test bpb over the whole splits) in a JSON-lines file; `--table` prints them as the
+Markdown table the README and chapter 11 show. Run it alone on a quiet machine: the runs are
+compared by what they reach in the same time.
+
+    python tools/cpu_sweep.py --minutes 5 --out sweep.jsonl baseline lr=4e-3 "qrnn_init=reference"
+    python tools/cpu_sweep.py --table sweep.jsonl
+    python tools/cpu_sweep.py --minutes 15 --snapshots 5,10 --out final.jsonl "lr=4e-3"
+
+With --snapshots the run also keeps its weights at those minutes (the learning rate is constant
+after the warmup, so they are what a run of that length would end with) and reports, for each,
+the static bpb over the whole valid and test splits; for the run's end also the bpb under dynamic
+evaluation (`shaq.evaluate.evaluate_dynamic`, its lr picked on the first 128 kB of valid); and
+zlib, bz2 and lzma at their strongest settings on the same bytes.
+
+A variant is space-separated key=value settings: any TrainConfig or SHARNNConfig field, and
+`qrnn_init=reference`, which initialises the QRNN gate Linears as the reference initialised
+every other Linear (N(0, 0.1/sqrt(d)), zero bias) instead of PyTorch's default.
+"""
+
+import argparse
+import bz2
+import json
+import lzma
+import math
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+import zlib
+from dataclasses import fields
+from pathlib import Path
+
+import torch
+
+from shaq.evaluate import DynamicEval, evaluate, evaluate_dynamic
+from shaq.models import SHARNNConfig
+from shaq.table import Table
+from shaq.train import TrainConfig, Trainer
+
+
+def cpu_name() -> str:
+    for line in (
+        Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
+    ):
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def parse_variant(text: str) -> dict:
+    """'lr=4e-3 memory_len=512' -> {'lr': 0.004, 'memory_len': 512}; 'baseline' -> {}."""
+    settings = {}
+    for item in text.split():
+        if item == "baseline":
+            continue
+        key, _, value = item.partition("=")
+        settings[key] = json.loads(value) if value not in ("reference", "torch") else value
+    return settings
+
+
+def reference_qrnn_init(model: torch.nn.Module) -> None:
+    """The reference's rule for Linears applied to the QRNN gates: N(0, 0.1/sqrt(d)), bias 0."""
+    from shaq.nn import QRNN
+
+    std = 0.1 / math.sqrt(model.config.d_model)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, QRNN):
+                module.gates.weight.normal_(0.0, std)
+                module.gates.bias.zero_()
+
+
+def compressor_bpb(data: bytes) -> dict:
+    """Bits per byte of the standard library's compressors at their strongest settings."""
+    sizes = {
+        "zlib -9": len(zlib.compress(data, 9)),
+        "bz2 -9": len(bz2.compress(data, 9)),
+        "xz -9e": len(lzma.compress(data, preset=9 | lzma.PRESET_EXTREME)),
+    }
+    return {name: 8 * size / len(data) for name, size in sizes.items()}
+
+
+def evaluate_snapshot(model: torch.nn.Module, corpus, train: TrainConfig, dynamic: bool) -> dict:
+    """Static (and, if asked, dynamic) bpb of `model` over the whole valid and test splits."""
+    result = {
+        "valid_bpb": evaluate(model, corpus.valid, train.eval_batch_size, train.seq_len),
+        "test_bpb": evaluate(model, corpus.test, train.test_batch_size, train.seq_len),
+    }
+    if not dynamic:
+        return result
+    tune = {
+        lr: evaluate_dynamic(
+            model,
+            corpus.valid,
+            train.seq_len,
+            131_072,
+            DynamicEval(lr=lr),
+            rows=train.eval_batch_size,
+        )
+        for lr in (1e-4, 3e-4, 1e-3)
+    }
+    lr = min(tune, key=tune.get)
+    result["dynamic_lr"], result["dynamic_tuning"] = lr, tune
+    for split in ("valid", "test"):
+        started = time.perf_counter()
+        rows = (
+            train.eval_batch_size if split == "valid" else train.test_batch_size
+        )  # as the static figures
+        result[f"dynamic_{split}_bpb"] = evaluate_dynamic(
+            model, getattr(corpus, split), train.seq_len, settings=DynamicEval(lr=lr), rows=rows
+        )
+        result[f"dynamic_{split}_seconds"] = time.perf_counter() - started
+    return result
+
+
+def run_one(variant: str, minutes: float, out_dir: str, snapshots: tuple[float, ...] = ()) -> dict:
+    settings = parse_variant(variant)
+    qrnn_init = settings.pop("qrnn_init", "torch")
+    model_names = {f.name for f in fields(SHARNNConfig)}
+    model = SHARNNConfig.cpu(**{k: v for k, v in settings.items() if k in model_names})
+    train = TrainConfig.cpu(
+        model="shaq",
+        data="standin",
+        minutes=minutes,
+        out_dir=out_dir,
+        **{k: v for k, v in settings.items() if k not in model_names},
+    )
+    kept: dict[float, dict] = {}
+
+    def keep(
+        metrics: dict,
+    ) -> None:  # the weights as they are when the run passes each snapshot time
+        for at in snapshots:
+            if at not in kept and metrics["time"] >= 60 * at:
+                kept[at] = {
+                    "steps": metrics["step"],
+                    "bytes": metrics["bytes"],
+                    "weights": {k: v.clone() for k, v in trainer.model.state_dict().items()},
+                }
+
+    trainer = Trainer(train, model, verbose=False, callback=keep)
+    if qrnn_init == "reference":
+        torch.manual_seed(train.seed)
+        reference_qrnn_init(trainer.model)
+    summary = trainer.fit()
+    result = {
+        "variant": variant,
+        "minutes": minutes,
+        "cpu": cpu_name(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        **{
+            k: summary[k]
+            for k in (
+                "params",
+                "steps",
+                "bytes",
+                "bytes_per_second",
+                "valid_bpb",
+                "test_bpb",
+                "valid_bytes",
+                "test_bytes",
+                "data",
+                "tested_step",
+            )
+        },
+    }
+    if snapshots:
+        corpus = trainer.corpus
+        result["compressors"] = {
+            split: compressor_bpb(bytes(getattr(corpus, split).numpy()))
+            for split in ("valid", "test")
+        }
+        final = {
+            "steps": summary["tested_step"],
+            "bytes": summary["bytes"],
+            "weights": {k: v.clone() for k, v in trainer.model.state_dict().items()},
+        }
+        result["snapshots"] = {}
+        for at, snap in [*sorted(kept.items()), (minutes, final)]:
+            trainer.model.load_state_dict(snap["weights"])
+            result["snapshots"][str(at)] = {
+                "steps": snap["steps"],
+                "bytes": snap["bytes"],
+                **evaluate_snapshot(trainer.model, corpus, train, at == minutes),
+            }
+            print(json.dumps({at: result["snapshots"][str(at)]}), flush=True)
+    return result
+
+
+def table(path: Path) -> Table:
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return Table(
+        ["variant", "minutes", "steps", "MB trained", "bytes/s", "valid bpb", "test bpb"],
+        [
+            [
+                r["variant"],
+                r["minutes"],
+                r["steps"],
+                r["bytes"] / 1e6,
+                round(r["bytes_per_second"]),
+                r["valid_bpb"],
+                r["test_bpb"],
+            ]
+            for r in rows
+        ],
+    )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "variants", nargs="*", help="settings of each run, e.g. 'baseline' 'lr=4e-3'"
+    )
+    parser.add_argument("--minutes", type=float, default=5.0)
+    parser.add_argument("--out", type=Path, default=Path("sweep.jsonl"))
+    parser.add_argument(
+        "--table", type=Path, help="print the table of a sweep's JSON-lines file and stop"
+    )
+    parser.add_argument(
+        "--snapshots",
+        default="",
+        help="minutes at which to keep and evaluate the weights, e.g. 5,10",
+    )
+    parser.add_argument(
+        "--keep", type=Path, help="keep the run folders under this folder (default: deleted)"
+    )
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # a single run, in the child process
+    args = parser.parse_args()
+    if args.table:
+        print(table(args.table).markdown())
+        return 0
+    if args.one is not None:
+        snapshots = tuple(float(m) for m in args.snapshots.split(",") if m)
+        with tempfile.TemporaryDirectory(dir=args.keep) as tmp:
+            folder = (
+                Path(tmp) / "run"
+                if args.keep is None
+                else args.keep / time.strftime("%Y%m%d-%H%M%S")
+            )
+            result = run_one(args.one, args.minutes, str(folder), snapshots)
+        with args.out.open("a") as out:
+            out.write(json.dumps(result) + "\n")
+        return 0
+    for variant in args.variants:  # one process each: no run inherits another's allocator or caches
+        started = time.time()
+        keep = ["--keep", str(args.keep)] if args.keep else []
+        subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--one",
+                variant,
+                "--minutes",
+                str(args.minutes),
+                "--snapshots",
+                args.snapshots,
+                "--out",
+                str(args.out),
+                *keep,
+            ],
+            check=True,
+        )
+        print(f"{variant}: done in {time.time() - started:.0f} s", flush=True)
+    print(table(args.out).markdown())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
