@@ -189,11 +189,17 @@ def format_compile(data: dict) -> str:
 def format_codec(data: list[dict]) -> str:
     """shaq.compress and shaq.decompress in bytes/s, by lanes."""
     rows = [
-        [e["lanes"], e["bytes"], e["compress_bytes_per_s"], e["decompress_bytes_per_s"]]
+        [
+            e["lanes"],
+            e["bytes"],
+            e["method"],
+            e["compress_bytes_per_s"],
+            e["decompress_bytes_per_s"],
+        ]
         for e in data
     ]
     title = f"compressor: {data[0]['model'].upper()} at {data[0]['shape']} (untrained weights)"
-    return title + "\n" + table(["lanes", "bytes", "compress B/s", "decompress B/s"], rows)
+    return title + "\n" + table(["lanes", "bytes", "file", "compress B/s", "decompress B/s"], rows)
 
 
 # Section name (as in the results and the JSON) -> its formatter.
