@@ -30,13 +30,14 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from shaq.checkpoint import CheckpointError, load_model
+import shaq.pretrained
+from shaq.checkpoint import CheckpointError, load_model, load_weights, saved_model_config
 from shaq.codec import compress, decompress, read_file
 from shaq.data import DataError
 from shaq.device import autocast_dtype, mixed_precision, pick_device, resolve_amp
 from shaq.evaluate import DynamicEval, NonFiniteError, evaluate, evaluate_dynamic
 from shaq.generate import generate
-from shaq.models import MODELS, model_class, model_config
+from shaq.models import MODELS, build_model, model_class, model_config
 from shaq.parallel import load_corpus
 from shaq.runlock import RunLockError
 from shaq.train import TrainConfig, Trainer, TrainingError, TrainingInterrupted
@@ -136,6 +137,10 @@ def _add_config_options(
             )
 
 
+PRETRAINED = "pretrained:"
+CHECKPOINT_HELP = "a .pt file, a run folder (its best.pt), or pretrained:NAME (shaq.pretrained)"
+
+
 # `rnn` is no option: --model picks the model and with it the recurrent layer.
 NOT_OPTIONS = ("rnn",)
 
@@ -218,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev = commands.add_parser(
         "eval", allow_abbrev=False, help="bits per byte of a checkpoint on valid or test"
     )
-    ev.add_argument("checkpoint", help="a .pt file, or a run folder (its best.pt)")
+    ev.add_argument("checkpoint", help=CHECKPOINT_HELP)
     ev.add_argument("--split", choices=("valid", "test"), default="test")
     ev.add_argument(
         "--batch-size",
@@ -265,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
             "decompress refuses otherwise)."
         ),
     )
-    comp.add_argument("checkpoint", help="a .pt file, or a run folder (its best.pt)")
+    comp.add_argument("checkpoint", help=CHECKPOINT_HELP)
     comp.add_argument("input", metavar="IN", help="the file to compress")
     comp.add_argument("output", metavar="OUT", help="where to write the compressed file")
     comp.add_argument(
@@ -293,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Write to OUT the bytes that `compress` coded into IN with this checkpoint.",
     )
     dec.add_argument(
-        "checkpoint", help="the checkpoint that compressed IN (a .pt file or a run folder)"
+        "checkpoint", help="the checkpoint that compressed IN (" + CHECKPOINT_HELP + ")"
     )
     dec.add_argument("input", metavar="IN", help="a file written by `python -m shaq compress`")
     dec.add_argument("output", metavar="OUT", help="where to write the restored bytes")
@@ -306,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen = commands.add_parser(
         "generate", allow_abbrev=False, help="continue a prompt; the bytes go to stdout"
     )
-    gen.add_argument("checkpoint", help="a .pt file, or a run folder (its best.pt)")
+    gen.add_argument("checkpoint", help=CHECKPOINT_HELP)
     gen.add_argument("--prompt", required=True, help="text to continue (UTF-8)")
     gen.add_argument("-n", type=int, default=200, help="bytes to generate (default 200)")
     gen.add_argument(
@@ -404,10 +409,21 @@ def _check_model_options(model: str, overrides: dict) -> None:
             )
 
 
+def _load_model(spec: str, device: torch.device) -> tuple[torch.nn.Module, dict]:
+    """The model and checkpoint that `spec` names: a .pt file or run folder
+    (`shaq.checkpoint.load_model`), or pretrained:NAME, a model that ships with shaq."""
+    if not spec.startswith(PRETRAINED):
+        return load_model(spec, device)
+    checkpoint = shaq.pretrained.checkpoint(spec.removeprefix(PRETRAINED))
+    model = build_model(checkpoint["model_name"], saved_model_config(checkpoint))
+    load_weights(model, checkpoint)
+    return model.to(device).eval(), checkpoint
+
+
 def _eval(args: argparse.Namespace) -> int:
     try:
         device = pick_device(args.device)
-        model, checkpoint = load_model(args.checkpoint, device)
+        model, checkpoint = _load_model(args.checkpoint, device)
         config = saved_train_config(args.checkpoint, checkpoint)
         corpus = load_corpus(config.data, args.data_root or config.data_root)
         batch_size = args.batch_size or (
@@ -444,7 +460,7 @@ def _eval(args: argparse.Namespace) -> int:
 def _generate(args: argparse.Namespace) -> int:
     try:
         device = pick_device(args.device)
-        model, checkpoint = load_model(args.checkpoint, device)
+        model, checkpoint = _load_model(args.checkpoint, device)
         amp = resolve_amp(saved_train_config(args.checkpoint, checkpoint).amp, device)
         with mixed_precision(
             device, autocast_dtype(amp)
@@ -469,7 +485,7 @@ def _compress(args: argparse.Namespace) -> int:
         _fail(f"--threads must be >= 1, got {args.threads}")
     torch.set_num_threads(args.threads)  # part of the arithmetic: OUT records it
     try:
-        model, _ = load_model(args.checkpoint, pick_device(args.device))
+        model, _ = _load_model(args.checkpoint, pick_device(args.device))
         data = Path(args.input).read_bytes()
         blob = compress(model, data, lanes=args.lanes, progress=not args.quiet)
         Path(args.output).write_bytes(blob)
@@ -490,7 +506,7 @@ def _decompress(args: argparse.Namespace) -> int:
     try:
         blob = Path(args.input).read_bytes()
         torch.set_num_threads(read_file(blob)[0]["setup"]["threads"])  # as when it was compressed
-        model, _ = load_model(args.checkpoint, pick_device(args.device))
+        model, _ = _load_model(args.checkpoint, pick_device(args.device))
         data = decompress(model, blob, progress=not args.quiet)
         Path(args.output).write_bytes(data)
     except OSError as err:

@@ -7,6 +7,7 @@ GPUs, gloo on CPUs) and gives each process its own GPU.
 
 import contextlib
 import os
+import platform
 from dataclasses import dataclass
 from functools import cache
 
@@ -153,3 +154,14 @@ def all_reduce_sum(tensor: torch.Tensor, info: Distributed) -> torch.Tensor:
     if info.enabled:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
+
+
+def cpu_name() -> str:
+    """The CPU's model name ("AMD EPYC 7B13"), for every figure that quotes a speed."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(
+                line.split(":", 1)[1].strip() for line in f if line.startswith("model name")
+            )
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()

@@ -55,7 +55,7 @@ from pathlib import Path
 import torch
 
 from shaq import bench
-from shaq.device import cpu_has_bf16
+from shaq.device import cpu_has_bf16, cpu_name
 from shaq.table import Table
 from shaq.train import Trainer, TrainingError
 from shaq.train_config import TrainConfig
@@ -200,16 +200,6 @@ def _memory(n_bytes: int | None) -> str:
     if n_bytes is None:
         return "n/a"
     return f"{n_bytes / 2**30:.2f} GiB" if n_bytes >= 2**30 else f"{n_bytes / 2**20:.0f} MiB"
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(
-                line.split(":", 1)[1].strip() for line in f if line.startswith("model name")
-            )
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
 
 
 def _error(err: BaseException) -> str:
@@ -474,7 +464,7 @@ def describe_machine(device: torch.device, plan: CheckPlan, cuda: bool) -> dict:
     return {
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
         "cuda_device": torch.cuda.get_device_name() if cuda else None,
         "torch": torch.__version__,
         "cuda": torch.version.cuda,

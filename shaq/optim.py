@@ -11,6 +11,7 @@ from collections.abc import Iterable
 
 import torch
 from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LambdaLR
 
 
 class LAMB(Optimizer):
@@ -116,3 +117,21 @@ class LAMB(Optimizer):
                 )
                 p.sub_(update.mul_(trust * group["lr"]))
         return loss
+
+
+def make_optimizer(
+    kind: str, params: Iterable[torch.Tensor], lr: float, weight_decay: float, min_trust: float
+) -> Optimizer:
+    """'lamb': LAMB with minimum trust, the reference's betas (0.9, 0.999) and eps 1e-6; 'adam':
+    torch's Adam."""
+    if kind == "lamb":
+        return LAMB(params, lr=lr, weight_decay=weight_decay, min_trust=min_trust)
+    if kind == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    raise ValueError(f"optimizer must be 'lamb' or 'adam', got {kind!r}")
+
+
+def linear_warmup(optimizer: Optimizer, warmup: int) -> LambdaLR:
+    """The learning rate times min(s + 1, warmup) / warmup at scheduler step s (0-based): linear
+    from 1/warmup up to the full rate, then constant; no warmup when warmup is 0."""
+    return LambdaLR(optimizer, lambda s: min(s + 1, warmup) / warmup if warmup > 0 else 1.0)

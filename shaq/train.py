@@ -26,7 +26,6 @@ processes, and only rank 0 writes files and shows progress.
 
 import json
 import math
-import os
 import random
 import signal
 import time
@@ -41,19 +40,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 import shaq
 from shaq.byte_lm import ModelConfig, State
-from shaq.checkpoint import (
-    CheckpointError,
-    Progress,
-    check_model,
-    find_checkpoint,
-    load_checkpoint,
-    load_weights,
-    rng_state,
-    save_checkpoint,
-    set_rng_state,
-    state_from_dict,
-    state_to_dict,
-)
+from shaq.checkpoint import Progress, load_checkpoint, load_weights
 from shaq.console import ProgressBar, format_header, format_summary, step_text
 from shaq.data import batchify, get_segment, segment_length
 from shaq.device import (
@@ -69,8 +56,8 @@ from shaq.evaluate import (
     bits_per_byte,
 )
 from shaq.models import build_model, detach, model_class
-from shaq.optim import LAMB
-from shaq.parallel import from_main, gather_objects, gather_state, load_corpus, share
+from shaq.optim import linear_warmup, make_optimizer
+from shaq.parallel import from_main, load_corpus, share
 from shaq.run_folder import (
     StopSignals,
     TrainingInterrupted,
@@ -78,19 +65,14 @@ from shaq.run_folder import (
     new_run_path,
     open_run_folder,
 )
-from shaq.runlock import RunLock, check_not_locked
-from shaq.train_config import TrainConfig, resume_configs, start_from_configs
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (a non-finite loss, a checkpoint that cannot be written, weights
-    that test non-finite); the message names the step and what to do."""
-
+from shaq.runlock import RunLock
+from shaq.train_checkpoints import RunCheckpoints, TrainingError
+from shaq.train_config import TrainConfig
 
 # ----------------------------------------------------------------------------- the trainer
 
 
-class Trainer:
+class Trainer(RunCheckpoints):
     """Trains one model as `config` says; `fit()` runs it, `Trainer.resume(folder)` continues one.
 
     Args:
@@ -136,9 +118,7 @@ class Trainer:
         config = replace(config, amp=resolve_amp(config.amp, self.device))
         self.amp_dtype = autocast_dtype(config.amp)
         if self.device.type == "cuda":
-            torch.set_float32_matmul_precision(
-                "high"
-            )  # TF32 for whatever autocast leaves in float32
+            torch.set_float32_matmul_precision("high")  # TF32 where autocast leaves float32
 
         self.corpus = load_corpus(config.data, config.data_root, self.dist, verbose)
         # Record what 'auto' chose, so a resumed run and the saved config name the real data.
@@ -166,22 +146,14 @@ class Trainer:
         torch.manual_seed(config.seed + self.dist.rank)
         self.n_params = sum(p.numel() for p in self.model.parameters())
 
-        if config.optimizer == "lamb":  # betas (0.9, 0.999) and eps 1e-6: the reference's
-            self.optimizer = LAMB(
-                self.model.parameters(),
-                lr=config.lr,
-                weight_decay=config.weight_decay,
-                min_trust=config.min_trust,
-            )
-        else:
-            self.optimizer = torch.optim.Adam(
-                self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay
-            )
-        # The LR factor for scheduler step s (0-based): linear from 1/warmup up to 1, then constant.
-        warmup = config.warmup
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: min(s + 1, warmup) / warmup if warmup > 0 else 1.0
+        self.optimizer = make_optimizer(
+            config.optimizer,
+            self.model.parameters(),
+            config.lr,
+            config.weight_decay,
+            config.min_trust,
         )
+        self.scheduler = linear_warmup(self.optimizer, config.warmup)
         # Only float16 needs loss scaling; disabled, the scaler passes everything through.
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         # Variable segment lengths come from their own generator, the same on every process,
@@ -200,9 +172,7 @@ class Trainer:
         self.carried: State | None = None
         self.time_up = False
         self._signals = StopSignals()  # SIGINT and SIGTERM, caught during fit()
-        self._stop_agreed = (
-            False  # whether any process had caught one at the last step's all-reduce
-        )
+        self._stop_agreed = False  # whether any process had caught one at the last all-reduce
         self._lock: RunLock | None = None
         try:
             self.run_dir = self._setup_run_dir(_checkpoint)  # takes the lock
@@ -212,69 +182,7 @@ class Trainer:
             self.close()  # a Trainer that failed to start must not keep its folder locked
             raise
 
-    @classmethod
-    def resume(
-        cls,
-        path: str | Path,
-        *,
-        model_overrides: dict | None = None,
-        callback: Callable[[dict], None] | None = None,
-        verbose: bool = True,
-        **overrides,
-    ) -> "Trainer":
-        """Continue the run whose folder (or checkpoint file) is `path`, from its last.pt.
-
-        The run's saved configs are used. `overrides` may change only how long it runs and how
-        it reports (RESUMABLE: steps, minutes, device, ...); any other TrainConfig field or any
-        `model_overrides` entry that differs from the checkpoint raises CheckpointError; a run
-        that another process is writing raises RunLockError before anything is read.
-        """
-        path = Path(path)
-        file = path / "last.pt" if path.is_dir() else path
-        # Rank 0 will write (torchrun's RANK: the process group is not joined yet).
-        if path.exists() and int(os.environ.get("RANK", "0")) == 0:
-            check_not_locked(file.parent)
-        checkpoint = load_checkpoint(file)
-        config, model_config = resume_configs(file, checkpoint, overrides, model_overrides or {})
-        return cls(config, model_config, callback=callback, verbose=verbose, _checkpoint=checkpoint)
-
-    @classmethod
-    def start_from(
-        cls,
-        path: str | Path,
-        *,
-        callback: Callable[[dict], None] | None = None,
-        verbose: bool = True,
-        **overrides,
-    ) -> "Trainer":
-        """A new run from the weights of the checkpoint (or run folder: its best.pt) at `path`,
-        with a fresh optimizer, schedule and warmup: the reference's second pass, e.g.
-        `Trainer.start_from("runs/x/best.pt", lr=1e-3, epochs=5, seed=125)`.
-
-        The model is the checkpoint's; the training settings are its run's, with `overrides`
-        applied (any TrainConfig field) and a new run folder (`out_dir`, default a fresh one).
-        """
-        file = find_checkpoint(path)
-        source = load_checkpoint(file)
-        config, model_config = start_from_configs(file, source, overrides)
-        return cls(config, model_config, callback=callback, verbose=verbose, _source=source)
-
     # ------------------------------------------------------------------------- setup helpers
-
-    def _load_initial_weights(self, path: str, source: dict | None) -> dict:
-        """Load the weights of the checkpoint at `path` (already read: `source`) into the model;
-        return what config.json records of where the run started."""
-        file = find_checkpoint(path)
-        source = source if source is not None else load_checkpoint(file)
-        check_model(source, self.config.model, self.model_config)
-        load_weights(self.model, source)
-        return {
-            "checkpoint": str(file.resolve()),
-            "model": source["model_name"],
-            "step": source["step"],
-            "best_valid_bpb": source["best_valid_bpb"],
-            "data": source["train_config"].get("data"),
-        }
 
     def _eval_rows(
         self, split: torch.Tensor, max_bytes: int | None, batch_size: int
@@ -306,94 +214,18 @@ class Trainer:
         self.config = replace(self.config, out_dir=str(path))
         return path
 
-    def _restore(self, checkpoint: dict) -> None:
-        """Load everything a checkpoint holds into this freshly built trainer."""
-        check_model(checkpoint, self.config.model, self.model_config)
-        load_weights(self.model, checkpoint)
-        try:
-            self.optimizer.load_state_dict(checkpoint["optimizer"])
-            self.scheduler.load_state_dict(checkpoint["scheduler"])
-            if self.scaler.is_enabled() and checkpoint["scaler"]:
-                self.scaler.load_state_dict(checkpoint["scaler"])
-        except (ValueError, KeyError, RuntimeError) as err:
-            raise CheckpointError(f"the checkpoint's optimizer state does not fit: {err}") from err
-        self.data_rng.set_state(checkpoint["data_rng"])
-        # One RNG state per process; a run resumed on more processes seeds the extra ones afresh.
-        if self.dist.rank < len(checkpoint["rng"]):
-            set_rng_state(checkpoint["rng"][self.dist.rank], self.device)
-        state = state_from_dict(checkpoint["state"], self.device)  # the global batch's
-        self.carried = None if state is None else state.map(lambda t: share(t, self.dist))
-        self.progress = Progress.from_dict(checkpoint)
-
-    # ------------------------------------------------------------------------- checkpoints
-
-    def _position(self) -> dict:
-        """Where the run stands between two steps (a copy): everything in a checkpoint but the
-        state dicts."""
-        return {
-            "rng": rng_state(self.device),
-            "data_rng": self.data_rng.get_state(),
-            "state": self.carried,
-            **self.progress.to_dict(),
-        }
-
-    def _save(self, name: str, position: dict | None = None) -> None:
-        """Save a checkpoint of `position` (default: now) as run_dir/name. Every process must call
-        it (the carried states and RNG states are gathered); rank 0 writes. A write that fails
-        (a full disk) raises TrainingError in every process: the run cannot go on unsaved."""
-        position = position if position is not None else self._position()
-        state, rngs = (
-            gather_state(position["state"], self.dist),
-            gather_objects(position["rng"], self.dist),
-        )
-        failure = None
-        if self.dist.is_main:
-            try:
-                save_checkpoint(
-                    {
-                        **position,
-                        "rng": rngs,
-                        "state": state_to_dict(state),
-                        "world_size": self.dist.world_size,
-                        "model_name": self.config.model,
-                        "model_config": self.model_config.to_dict(),
-                        "train_config": self.config.to_dict(),
-                        "model": self.model.state_dict(),
-                        "optimizer": self.optimizer.state_dict(),
-                        "scheduler": self.scheduler.state_dict(),
-                        "scaler": self.scaler.state_dict(),
-                    },
-                    self.run_dir / name,
-                )
-            except CheckpointError as err:
-                failure = (
-                    f"{err}. Training stopped at step {self.progress.step:,}; once the disk has "
-                    "room (or the folder lets us write), continue from the last checkpoint saved "
-                    f"with --resume {self.run_dir}"
-                )
-        failure = from_main(
-            failure, self.dist
-        )  # the others stop too, rather than wait for rank 0 at the next step
-        if failure is not None:
-            raise TrainingError(failure)
-
     # ------------------------------------------------------------------------- the loop
 
     def _train_step(self) -> dict:
         """One segment: forward, backward, clip, step. Returns the step's metrics."""
         config = self.config
         if self._epoch_ended():  # the last step read the end of the data: a new epoch starts cold
-            self.progress.cursor, self.progress.epoch, self.carried = (
-                0,
-                self.progress.epoch + 1,
-                None,
-            )
+            self.progress.cursor, self.carried = 0, None
+            self.progress.epoch += 1
         before = self._position()  # the last good state, should this step turn out non-finite
         start = time.perf_counter()
         length = segment_length(config.seq_len, config.variable_seq_len, self.data_rng)
-        inputs, targets = get_segment(
-            self.train_data, self.progress.cursor, length
-        )  # [B / world, T]
+        inputs, targets = get_segment(self.train_data, self.progress.cursor, length)  # [B/world, T]
         with mixed_precision(self.device, self.amp_dtype):
             out = self.forward_model(inputs, state=self.carried, targets=targets)
         self.scaler.scale(out.loss).backward()  # DDP averages the gradients over processes here
@@ -542,15 +374,12 @@ class Trainer:
             )
         log = open(self.run_dir / "metrics.jsonl", "a") if main else None
         bar = ProgressBar(config, self._bounds(), disable=not (self.verbose and main))
-        bytes_before, seconds_before, valid_bpb = (
-            self.progress.bytes,
-            self.progress.train_seconds,
-            None,
-        )  # for this session's rate
+        # For this session's rate:
+        bytes_before, seconds_before = self.progress.bytes, self.progress.train_seconds
+        valid_bpb = None
         self.model.train()
-        self._started = (
-            time.perf_counter() - self.progress.elapsed
-        )  # the clock goes on from a resumed run's time
+        # The clock goes on from a resumed run's time.
+        self._started = time.perf_counter() - self.progress.elapsed
         self._signals.catch()
         try:
             while not self._done() and not self._stop_requested():
@@ -591,9 +420,7 @@ class Trainer:
             raise TrainingInterrupted(
                 self._signals.caught or signal.SIGTERM, self.progress.step, self.run_dir
             )
-        if (
-            self._signals.caught is not None
-        ):  # caught after the processes last agreed to go on: deliver it now
+        if self._signals.caught is not None:  # caught after all last agreed to go on: deliver it
             signal.raise_signal(self._signals.caught)
         summary = self._final_evaluation()
         if self.verbose and main:

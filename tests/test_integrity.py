@@ -21,6 +21,7 @@ import torch
 
 import shaq.runlock
 import shaq.train
+import shaq.train_checkpoints
 from shaq.__main__ import main
 from shaq.checkpoint import CheckpointError, load_checkpoint, load_model, save_checkpoint
 from shaq.evaluate import NonFiniteError, evaluate
@@ -229,7 +230,7 @@ def test_a_held_folder_is_refused_before_any_work_and_a_killed_holder_leaves_no_
         def no_work(*args, **kwargs):
             raise AssertionError("the folder is held: nothing should be loaded")
 
-        monkeypatch.setattr(shaq.train, "load_checkpoint", no_work)
+        monkeypatch.setattr(shaq.train_checkpoints, "load_checkpoint", no_work)
         monkeypatch.setattr(shaq.train, "load_corpus", no_work)
         with pytest.raises(
             RunLockError, match=f"{copy} is being written by process {holder.pid} on "
@@ -410,7 +411,7 @@ def test_sigint_in_a_notebook_saves_then_raises_keyboard_interrupt(tmp_path, mon
             pressed.append(metrics["step"])
             os.kill(os.getpid(), signal.SIGINT)
 
-    save = shaq.train.save_checkpoint
+    save = shaq.train_checkpoints.save_checkpoint
 
     def save_interrupted(payload, path):  # the impatient second press, in the middle of the save
         if pressed:
@@ -427,7 +428,7 @@ def test_sigint_in_a_notebook_saves_then_raises_keyboard_interrupt(tmp_path, mon
             smoke(tmp_path / "stopped", **config), model, callback=interrupt, verbose=False
         )
         with monkeypatch.context() as patch:
-            patch.setattr(shaq.train, "save_checkpoint", save_interrupted)
+            patch.setattr(shaq.train_checkpoints, "save_checkpoint", save_interrupted)
             with pytest.raises(KeyboardInterrupt) as stop:
                 trainer.fit()
         assert signal.getsignal(signal.SIGINT) is previous

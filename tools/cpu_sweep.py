@@ -22,34 +22,22 @@ every other Linear (N(0, 0.1/sqrt(d)), zero bias) instead of PyTorch's default.
 """
 
 import argparse
-import bz2
 import json
-import lzma
 import math
-import platform
 import subprocess
 import sys
 import tempfile
 import time
-import zlib
 from dataclasses import fields
 from pathlib import Path
 
 import torch
 
-from shaq.evaluate import DynamicEval, evaluate, evaluate_dynamic
+from shaq.device import cpu_name
+from shaq.evaluate import DynamicEval, compressor_bpb, evaluate, evaluate_dynamic
 from shaq.models import SHARNNConfig
 from shaq.table import Table
 from shaq.train import TrainConfig, Trainer
-
-
-def cpu_name() -> str:
-    for line in (
-        Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
-    ):
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def parse_variant(text: str) -> dict:
@@ -73,16 +61,6 @@ def reference_qrnn_init(model: torch.nn.Module) -> None:
             if isinstance(module, QRNN):
                 module.gates.weight.normal_(0.0, std)
                 module.gates.bias.zero_()
-
-
-def compressor_bpb(data: bytes) -> dict:
-    """Bits per byte of the standard library's compressors at their strongest settings."""
-    sizes = {
-        "zlib -9": len(zlib.compress(data, 9)),
-        "bz2 -9": len(bz2.compress(data, 9)),
-        "xz -9e": len(lzma.compress(data, preset=9 | lzma.PRESET_EXTREME)),
-    }
-    return {name: 8 * size / len(data) for name, size in sizes.items()}
 
 
 def evaluate_snapshot(model: torch.nn.Module, corpus, train: TrainConfig, dynamic: bool) -> dict:

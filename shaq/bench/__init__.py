@@ -90,7 +90,7 @@ from shaq.bench.sections import (
     profile_steps,
     quick_plan,
 )
-from shaq.device import cpu_has_bf16, pick_device
+from shaq.device import cpu_has_bf16, cpu_name, pick_device
 
 # _extension_for is private; the bench only reports whether the C++ kernels are in use.
 from shaq.nn.forget_mult import _extension_for
@@ -176,15 +176,8 @@ def _machine(device: torch.device) -> dict:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "threads": torch.get_num_threads(),
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_name(),
     }
-    try:
-        with open("/proc/cpuinfo") as f:
-            info["cpu"] = next(
-                line.split(":", 1)[1].strip() for line in f if line.startswith("model name")
-            )
-    except (OSError, StopIteration):
-        pass
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     if device.type == "cpu":

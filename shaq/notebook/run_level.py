@@ -5,7 +5,6 @@ produced a page's numbers, and what training at the full level costs.
 
 from __future__ import annotations
 
-import subprocess
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -17,6 +16,7 @@ import shaq
 from shaq.console import format_duration
 from shaq.data import Corpus
 from shaq.notebook.display import MarkdownLine, show
+from shaq.provenance import git_revision
 from shaq.train_config import TrainConfig
 
 LEVELS = ("smoke", "demo", "full")
@@ -146,30 +146,6 @@ def describe_device(device: torch.device) -> str:
     if device.type == "mps":
         return "Apple GPU (MPS)"
     return device.type.upper()
-
-
-def git_revision() -> str | None:
-    """Short commit hash of the checkout that holds the shaq package, ``+`` if it has
-    uncommitted changes; None when shaq is not in a git checkout (a wheel) or git is missing."""
-    folder = Path(shaq.__file__).parent
-    try:
-        head = subprocess.run(
-            ["git", "-C", str(folder), "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(folder), "status", "--porcelain", "--", "."],
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return head + ("+" if dirty else "") if head else None
 
 
 def shaq_version() -> str:
