@@ -3,13 +3,12 @@ against the files that decide the numbers.
 
 A figure is current when it was produced from a clean commit that is HEAD or an ancestor of it,
 and no file in DECIDING_FILES has changed since that commit. `tools/check_site.py` applies this
-to every chapter's provenance line and to every manifest of `shaq.pretrained`.
+to every chapter's provenance line and to every manifest of `shaq.pretrained`. (Standard
+library only, so that tool can load this file without torch.)
 """
 
 import subprocess
 from pathlib import Path
-
-import shaq
 
 # The files whose change can move a trained model's numbers: the models and their building
 # blocks, the optimiser, the data, the trainer and its presets, the evaluation, and the device
@@ -38,7 +37,7 @@ def _git(folder: Path, *args: str) -> subprocess.CompletedProcess:
 def git_revision() -> str | None:
     """Short commit hash of the checkout that holds the shaq package, ``+`` if the package has
     uncommitted changes; None when shaq is not in a git checkout (a wheel) or git is missing."""
-    folder = Path(shaq.__file__).parent
+    folder = Path(__file__).parent
     try:
         head = _git(folder, "rev-parse", "--short", "HEAD")
         dirty = _git(folder, "status", "--porcelain", "--", ".")

@@ -358,6 +358,17 @@ def test_check_site_passes_a_good_page(tmp_path, capsys):
     assert "OK" in capsys.readouterr().out
 
 
+def test_check_site_finds_shipped_weights_that_are_not_current(tmp_path, capsys):
+    check_site, _ = _tools()
+    args = _fake_site(tmp_path)
+    (tmp_path / "shaq" / "pretrained").mkdir(parents=True)
+    (tmp_path / "shaq" / "pretrained" / "m.json").write_text('{"commit": "abc1234+"}')
+    assert check_site.main(args) == 1
+    assert (
+        "m.json: the weights are not current: abc1234+ had uncommitted" in capsys.readouterr().out
+    )
+
+
 @pytest.mark.parametrize(
     "change, message",
     [
@@ -389,6 +400,11 @@ def test_check_site_passes_a_good_page(tmp_path, capsys):
             "never completed",
         ),
         (("run level demo", "run level smoke"), "expected demo"),
+        (
+            ("shaq 0.1.0</pre>", "shaq 0.1.0 (abc1234+)</pre>"),
+            "not current: abc1234+ had uncommitted",
+        ),
+        (("shaq 0.1.0</pre>", "shaq 0.1.0 (abc1234)</pre>"), "abc1234 is no commit"),
     ],
 )
 def test_check_site_finds_what_readers_would_see_broken(tmp_path, capsys, change, message):

@@ -14,16 +14,21 @@ For every page in ``_toc.yml`` it checks that
   site's own files, and no output is the text fallback of a widget (``HBox(children=...``);
 - no absolute path of the build machine (/work/, /root/, /tmp/, /home/...) is shown;
 - each chapter notebook finished its run: its provenance line ("Produced by run level ...")
-  is complete, and at the level given by ``--expect-level``.
+  is complete, and at the level given by ``--expect-level``;
+- the outputs are current: the commit in each provenance line, and in each manifest of the
+  shipped weights (shaq/pretrained/*.json), is clean, an ancestor of HEAD, and no older than the
+  last change to the files that decide the numbers (``shaq.provenance.DECIDING_FILES``).
 
 It also fails if Jupyter Book wrote execution error reports (``_build/html/reports``).
 Exits 0 when everything holds, 1 with one line per problem otherwise (2 for bad usage).
-Only the standard library and PyYAML (a Jupyter Book dependency) are used.
+Only the standard library, PyYAML (a Jupyter Book dependency) and shaq/provenance.py (loaded from
+its file, without importing shaq) are used.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import re
 import sys
@@ -32,6 +37,16 @@ from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load_provenance():
+    spec = importlib.util.spec_from_file_location("provenance", ROOT / "shaq" / "provenance.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+provenance = _load_provenance()
 
 LOCAL_PATHS = ("/work/", "/root/", "/tmp/", "/home/", "/Users/", "C:\\Users\\")
 WIDGET_TEXT = re.compile(r"\b(HBox|VBox|IntProgress|FloatProgress|IntSlider|FloatSlider)\(")
@@ -150,7 +165,11 @@ def notebook_images(path: Path) -> int:
 
 
 def check_page(
-    html_root: Path, page_path: Path, source: Path | None, expect_level: str | None
+    html_root: Path,
+    page_path: Path,
+    source: Path | None,
+    expect_level: str | None,
+    root: Path = ROOT,
 ) -> list[str]:
     name = page_path.relative_to(html_root).as_posix()
     parser = Page()
@@ -234,6 +253,9 @@ def check_page(
                 problems.append(
                     f"{name}: the provenance line was never completed (the run stopped early)"
                 )
+        for revision in set(re.findall(r"shaq [\w.]+ \(([0-9a-f]+\+?)\)", " ".join(lines))):
+            if why := provenance.stale(revision, root):
+                problems.append(f"{name}: outputs are not current: {why}")
         levels = set(re.findall(r"Produced by run level (\w+)", text))
         if expect_level and levels and levels != {expect_level}:
             problems.append(
@@ -278,9 +300,13 @@ def main(argv: list[str] | None = None) -> int:
         if not page.is_file():
             problems.append(f"{name}: no page {page.relative_to(html_root)} in the built site")
             continue
-        problems += check_page(html_root, page, source, args.expect_level)
+        problems += check_page(html_root, page, source, args.expect_level, args.root)
         if source is not None and source.suffix == ".ipynb":
             figures += notebook_images(source)
+    for manifest in sorted((args.root / "shaq" / "pretrained").glob("*.json")):
+        record = json.loads(manifest.read_text())
+        if "commit" in record and (why := provenance.stale(record["commit"], args.root)):
+            problems.append(f"shaq/pretrained/{manifest.name}: the weights are not current: {why}")
     reports = html_root / "reports"
     if reports.is_dir() and any(reports.iterdir()):
         problems.append(

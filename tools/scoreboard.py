@@ -19,24 +19,27 @@ import hashlib
 import io
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import torch
-
-import shaq
-from shaq.checkpoint import load_checkpoint
-from shaq.data import load_corpus
-from shaq.device import autocast_dtype, cpu_name, resolve_amp
-from shaq.evaluate import compressor_bpb, evaluate
-from shaq.models import build_model, config_from_dict
-from shaq.pretrained import RECIPES
-from shaq.table import Table
-from shaq.train_config import TrainConfig
-
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # this checkout's shaq, which trains, whatever else is installed
+
+import torch  # noqa: E402
+
+import shaq  # noqa: E402
+from shaq.checkpoint import load_checkpoint  # noqa: E402
+from shaq.data import load_corpus  # noqa: E402
+from shaq.device import autocast_dtype, cpu_name, resolve_amp  # noqa: E402
+from shaq.evaluate import compressor_bpb, evaluate  # noqa: E402
+from shaq.models import build_model, config_from_dict  # noqa: E402
+from shaq.pretrained import RECIPES  # noqa: E402
+from shaq.table import Table  # noqa: E402
+from shaq.train_config import TrainConfig  # noqa: E402
+
 SHIPPED = Path(shaq.pretrained.__file__).parent
 MAX_PRECISION_COST = 0.005  # bpb a 16-bit copy of the weights may cost on the validation split
 CHECK_BYTES = 32_768  # the slice of the validation split that tests re-measure
@@ -76,14 +79,15 @@ def score(model_name: str, model_config: dict, weights: dict, split, config, n=N
 
 
 def train_one(name: str, args: argparse.Namespace, commit: str, corpus) -> dict:
-    out = Path(args.runs) / name
+    out = Path(args.runs) / name  # relative to ROOT, so that no machine's path is recorded
     command = [
         "python", "-m", "shaq", "train", "--preset", "cpu", "--data", "standin",
         "--minutes", f"{args.minutes:g}", "--seed", str(args.seed), *RECIPES[name],
         "--out", str(out), "--quiet",
     ]  # fmt: skip
-    print(f"[{time.strftime('%H:%M:%S')}] {' '.join(command)}", flush=True)
+    print(f"[{time.strftime('%H:%M:%S')}] {shlex.join(command)}", flush=True)
     subprocess.run([sys.executable, *command[1:]], cwd=ROOT, check=True)
+    out = ROOT / out
     summary = json.loads((out / "summary.json").read_text())
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     best = load_checkpoint(out / "best.pt")
@@ -111,7 +115,7 @@ def train_one(name: str, args: argparse.Namespace, commit: str, corpus) -> dict:
     check = corpus.valid[:CHECK_BYTES]
     manifest = {
         "name": name,
-        "command": " ".join(command),
+        "command": shlex.join(command),
         "commit": commit,
         "model": model_name,
         "model_config": model_config,
@@ -201,7 +205,7 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=15.0)
     parser.add_argument("--seed", type=int, default=TrainConfig.seed)
     parser.add_argument("--only", nargs="+", choices=list(RECIPES), default=list(RECIPES))
-    parser.add_argument("--runs", default=str(ROOT / "runs" / "scoreboard"))
+    parser.add_argument("--runs", default="runs/scoreboard", help="relative to the checkout")
     parser.add_argument("--table", action="store_true", help="print the scoreboard and stop")
     args = parser.parse_args()
     board_file = SHIPPED / "scoreboard.json"
