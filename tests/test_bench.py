@@ -3,9 +3,13 @@
 No test here judges speed: timings on a shared CI machine mean nothing.
 """
 
+import importlib.util
 import json
 import math
+import os
+import shlex
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +23,8 @@ from shaq.byte_lm import State
 from shaq.flops import model_flops_per_byte, train_flops_per_byte
 from shaq.models import SHAQ, SHARNN, SHARNNConfig
 from shaq.shatter import ShatterConfig, ShatterLM
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_quick_run_writes_json_with_positive_numbers(tmp_path):
@@ -231,3 +237,47 @@ def test_profile_splits_a_step_into_phases_and_operators():
 def test_profile_of_an_unknown_shape_fails_before_any_work():
     with pytest.raises(SystemExit, match="smoke"):
         main(["--quick", "--device", "cpu", "--profile", "paper"])
+
+
+def _perf_doc():
+    """tools/perf_doc.py as a module (tools/ is no package)."""
+    spec = importlib.util.spec_from_file_location("perf_doc", ROOT / "tools" / "perf_doc.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_perf_doc_renders_the_bench_json_and_marks_a_quick_run_as_a_placeholder(tmp_path):
+    perf_doc = _perf_doc()
+    assert set(perf_doc.TITLES) == set(FORMATTERS)  # a heading for every section there is
+    path = tmp_path / "bench.json"
+    argv = "--quick --device cpu --no-malloc-tuning --only rnn".split() + ["--json", str(path)]
+    results = main(argv)
+    os.utime(path, (1_780_000_000, 1_780_000_000))  # the JSON's time is the date the doc gives
+    out = tmp_path / "docs" / "performance.md"
+    with pytest.raises(SystemExit, match="is a --quick run"):
+        perf_doc.main([str(path), "--out", str(out)])
+    assert not out.exists()
+
+    tool_argv = [str(path), "--allow-quick", "--out", str(out)]
+    assert perf_doc.main(tool_argv) == 0
+    doc = out.read_text()
+    assert doc.startswith("# Performance\n") and doc.count(perf_doc.PLACEHOLDER) == 1
+    assert f"`python tools/perf_doc.py {shlex.join(tool_argv)}`" in doc
+    assert f"## `python -m shaq.bench {shlex.join(argv)}`" in doc
+    assert "JSON written 2026-05-28 20:26 UTC." in doc
+    meta = results["meta"]
+    assert f"- CPU: {meta['cpu']}, {meta['threads']} torch threads" in doc
+    assert f"- torch {torch.__version__}, Python " in doc
+    assert results["contention"]["summary"] in doc
+    # Each section under its heading, the table as the bench printed it, in the bench's order.
+    sections = [
+        f"### {perf_doc.TITLES[name]}\n\n```text\n{format_section(name, results[name])}\n```"
+        for name in ("matmul_peak", "rnn")
+    ]
+    assert doc.index(sections[0]) < doc.index(sections[1])
+    assert "### The forget-mult" not in doc  # --only rnn: no other section
+
+    path.write_text(json.dumps({"rnn": results["rnn"]}))
+    with pytest.raises(SystemExit, match="not the JSON of a bench run"):
+        perf_doc.main([str(path), "--out", str(out)])

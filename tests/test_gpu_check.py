@@ -11,7 +11,7 @@ from dataclasses import replace
 
 import torch
 
-from shaq import gpu_check
+from shaq import device_checks, gpu_check
 from shaq.device import cpu_has_bf16
 from shaq.models import SHAQ
 
@@ -93,7 +93,7 @@ def test_a_loss_that_does_not_fall_fails_the_training_check(monkeypatch):
         return out if out.loss is None else replace(out, loss=out.loss * 0 + len(calls))
 
     monkeypatch.setattr(SHAQ, "forward", rising_loss)
-    rows, numbers = gpu_check.check_training(torch.device("cpu"), gpu_check.SMOKE_PLAN)
+    rows, numbers = device_checks.check_training(torch.device("cpu"), device_checks.SMOKE_PLAN)
     assert rows[0].status == "FAIL: the loss did not fall" and rows[0].failed
     assert numbers["nonfinite_steps"] == 0 and numbers["loss_last"] > numbers["loss_first"]
 
@@ -122,14 +122,14 @@ def test_the_selected_tests_are_counted_from_pytest_and_failures_fail_the_check(
             assert False
     """)
     )
-    monkeypatch.setattr(gpu_check, "TESTS_DIR", tests)
-    rows, counts = gpu_check.check_cuda_tests(gpu_check.SMOKE_PLAN, cuda=False)
+    monkeypatch.setattr(device_checks, "TESTS_DIR", tests)
+    rows, counts = device_checks.check_cuda_tests(device_checks.SMOKE_PLAN, cuda=False)
     assert (counts["passed"], counts["failed"], counts["errors"], counts["skipped"]) == (1, 1, 0, 1)
     assert counts["returncode"] == 1 and rows[0].status == "FAIL: 1 failed"
     assert rows[0].result.startswith("1 passed, 1 failed, 1 skipped")
 
     (tests / "test_sample.py").write_text("def test_other():\n    pass\n")
-    rows, counts = gpu_check.check_cuda_tests(gpu_check.SMOKE_PLAN, cuda=False)
+    rows, counts = device_checks.check_cuda_tests(device_checks.SMOKE_PLAN, cuda=False)
     assert counts["returncode"] == 5 and rows[0].status == "FAIL: no test matches -k cuda"
 
 

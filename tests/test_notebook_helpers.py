@@ -358,6 +358,13 @@ def test_check_site_passes_a_good_page(tmp_path, capsys):
     assert "OK" in capsys.readouterr().out
 
 
+def test_check_site_can_list_stale_chapters_as_warnings(tmp_path, capsys):
+    check_site, _ = _tools()
+    page = GOOD_PAGE.replace("shaq 0.1.0</pre>", "shaq 0.1.0 (abc1234+)</pre>")
+    assert check_site.main(_fake_site(tmp_path, page) + ["--stale-chapters", "warn"]) == 0
+    assert "warning: book/ch.html: outputs are not current" in capsys.readouterr().out
+
+
 def test_check_site_finds_shipped_weights_that_are_not_current(tmp_path, capsys):
     check_site, _ = _tools()
     args = _fake_site(tmp_path)

@@ -23,6 +23,9 @@ LEVELS = ("smoke", "demo", "full")
 # The smoke level reads only this many bytes of the stand-in: enough for every split to hold real
 # text, small enough that each chapter's smoke run takes seconds.
 SMOKE_MAX_BYTES = 1_000_000
+# The bytes of the validation (and test) split that every chapter scores at each level: one slice,
+# the split's first bytes, so that figures from different chapters at one level are comparable.
+EVAL_BYTES = {"smoke": 8_192, "demo": 65_536, "full": 1_000_000}
 # A stable id for the provenance output, so that finish() can rewrite the line setup() showed.
 _PROVENANCE_ID = "shaq-provenance"
 
@@ -88,6 +91,21 @@ class RunLevel:
         version = shaq.data.STANDIN_NAME.removeprefix("standin-")
         first = f", first {self.max_bytes:,} bytes" if self.max_bytes is not None else ""
         return f"the stand-in ({version} stdlib + pydoc text{first})"
+
+    @property
+    def eval_bytes(self) -> int:
+        """How many bytes of the valid (and test) split every chapter scores at this level: the
+        first 8,192 at smoke, 65,536 at demo, 1,000,000 at full (EVAL_BYTES)."""
+        return EVAL_BYTES[self.name]
+
+    def eval_settings(self) -> dict[str, int]:
+        """The TrainConfig fields that make a run score this level's slice, during training and at
+        the end: ``TrainConfig.cpu(**level.eval_settings(), ...)``."""
+        return {"eval_bytes": self.eval_bytes, "final_bytes": self.eval_bytes}
+
+    def valid_slice(self, corpus: Corpus) -> torch.Tensor:
+        """The validation bytes every chapter scores at this level (its first `eval_bytes`)."""
+        return corpus.valid[: self.eval_bytes]
 
     def load_corpus(self) -> Corpus:
         """The corpus of this level: the stand-in (its first 1 MB at smoke) or enwik8 at full,
@@ -157,8 +175,9 @@ def shaq_version() -> str:
 # ----------------------------------------------------------------------------- full-level cost
 
 # The yardstick for what the full level costs until a GPU of this project has been measured: the
-# SHA-RNN paper's one epoch of enwik8 (90,000,000 training bytes) in 1,800 s on one Titan V
-# (Merity 2019, quoted by its author in sha-rnn issue #3), for its 54M-parameter model.
+# SHA-RNN paper's one epoch of enwik8 (90,000,000 training bytes) in 1,800 s on one Titan V for
+# its single-head 52M-parameter model (Merity 2019, the text beside Table 1; a head per layer took
+# 4,020 s).
 ENWIK8_TRAIN_BYTES = 90_000_000
 PAPER_GPU = "one Titan V"
 PAPER_BYTES_PER_SECOND = ENWIK8_TRAIN_BYTES / 1800
