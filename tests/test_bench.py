@@ -9,6 +9,7 @@ import math
 import os
 import shlex
 from dataclasses import replace
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -253,7 +254,8 @@ def test_perf_doc_renders_the_bench_json_and_marks_a_quick_run_as_a_placeholder(
     path = tmp_path / "bench.json"
     argv = "--quick --device cpu --no-malloc-tuning --only rnn".split() + ["--json", str(path)]
     results = main(argv)
-    os.utime(path, (1_780_000_000, 1_780_000_000))  # the JSON's time is the date the doc gives
+    started = datetime.fromisoformat(results["meta"]["started_utc"])
+    assert abs(datetime.now(timezone.utc) - started) < timedelta(hours=1)  # the bench's own date
     out = tmp_path / "docs" / "performance.md"
     with pytest.raises(SystemExit, match="is a --quick run"):
         perf_doc.main([str(path), "--out", str(out)])
@@ -265,7 +267,12 @@ def test_perf_doc_renders_the_bench_json_and_marks_a_quick_run_as_a_placeholder(
     assert doc.startswith("# Performance\n") and doc.count(perf_doc.PLACEHOLDER) == 1
     assert f"`python tools/perf_doc.py {shlex.join(tool_argv)}`" in doc
     assert f"## `python -m shaq.bench {shlex.join(argv)}`" in doc
-    assert "JSON written 2026-05-28 20:26 UTC." in doc
+    assert f"Run started {started:%Y-%m-%d %H:%M} UTC." in doc
+    older = tmp_path / "older.json"  # a JSON from before the bench recorded its start: its mtime
+    older.write_text(json.dumps(results | {"meta": results["meta"] | {"started_utc": None}}))
+    os.utime(older, (1_780_000_000, 1_780_000_000))
+    perf_doc.main([str(older), "--allow-quick", "--out", str(tmp_path / "older.md")])
+    assert "Run started 2026-05-28 20:26 UTC." in (tmp_path / "older.md").read_text()
     meta = results["meta"]
     assert f"- CPU: {meta['cpu']}, {meta['threads']} torch threads" in doc
     assert f"- torch {torch.__version__}, Python " in doc

@@ -141,13 +141,20 @@ def test_seeding_is_deterministic(clean_env):
     assert torch.rand(3).tolist() != first[2]
 
 
-def test_smoke_corpus_is_the_start_of_the_standin():
+def test_smoke_corpus_is_the_start_of_each_split_of_the_standin():
     level = notebook.RunLevel(name="smoke", device="cpu")
-    corpus = level.load_corpus()
+    corpus, whole = level.load_corpus(), shaq.data.load_standin()
     assert corpus.name == shaq.data.STANDIN_NAME
-    total = corpus.train.numel() + corpus.valid.numel() + corpus.test.numel()
-    assert total == notebook.SMOKE_MAX_BYTES
-    assert f"first {notebook.SMOKE_MAX_BYTES:,} bytes" in level.data_description
+    sizes = [corpus.train.numel(), corpus.valid.numel(), corpus.test.numel()]
+    assert sizes == [900_000, 50_000, 50_000] and sum(sizes) == notebook.SMOKE_MAX_BYTES
+    # so smoke scores the validation bytes the Trainer scores, as every other level does
+    for split in ("train", "valid", "test"):
+        part = getattr(corpus, split)
+        assert torch.equal(part, getattr(whole, split)[: part.numel()]), split
+    assert torch.equal(level.valid_slice(corpus), whole.valid[: level.eval_bytes])
+    assert "the first 900,000 / 50,000 / 50,000 bytes of its train / valid / test splits" in (
+        level.data_description
+    )
 
 
 def test_full_level_reads_enwik8_from_shaq_data(clean_env, tmp_path):
@@ -426,6 +433,28 @@ def test_check_site_needs_a_page_per_toc_entry(tmp_path, capsys):
     args = _fake_site(tmp_path)
     (tmp_path / "_build" / "html" / "book" / "ch.html").unlink()
     assert check_site.main(args) == 1 and "no page" in capsys.readouterr().out
+
+
+def test_screenshot_check_refuses_a_diagram_that_is_missing_broken_or_blank(tmp_path):
+    _, screenshot_check = _tools()
+    browser = screenshot_check.find_browser()
+    if browser is None:
+        pytest.skip("no Chromium on this machine (CI installs it before the site checks)")
+    drawn = ROOT / "book" / "figures" / "lstm_cell.svg"
+    broken = tmp_path / "broken.svg"
+    broken.write_text("<svg xmlns='http://www.w3.org/2000/svg'><rect width=", encoding="utf-8")
+    blank = tmp_path / "blank.svg"
+    blank.write_text(
+        "<svg xmlns='http://www.w3.org/2000/svg' width='400' height='300'></svg>", encoding="utf-8"
+    )
+    stem = tmp_path / "page"
+    seen, problem = screenshot_check.check_diagram(browser, drawn, stem)
+    assert problem is None and seen.startswith("lstm_cell.svg ("), seen
+    cases = {tmp_path / "gone.svg": "not in the built site", broken: "does not decode"}
+    cases[blank] = "renders blank"
+    for svg, expected in cases.items():
+        seen, problem = screenshot_check.check_diagram(browser, svg, stem)
+        assert seen is None and expected in problem, (svg.name, problem)
 
 
 def test_screenshot_png_reader_matches_pillow(tmp_path):

@@ -5,7 +5,7 @@
     python tools/perf_doc.py runs/bench.json runs/bench-bf16.json            # docs/performance.md
 
 Each JSON file (one run of the bench) becomes one part of the document: the command that ran,
-when its JSON was written (the file's modification time: the bench writes it as it ends), the
+when it started (the bench records it; for an older JSON, when the file was written), the
 machine, how quiet the machine was, and each section's table exactly as the bench printed it
 (`shaq.bench.report`'s formatters, on the numbers of the JSON). Nothing is measured or
 recomputed here. A --quick run is refused: its tiny shapes and few repeats only show that the
@@ -90,15 +90,15 @@ def machine_lines(meta: dict) -> list[str]:
     return lines
 
 
-def render_run(results: dict, written: datetime) -> str:
-    """One run of the bench (`written`: when its JSON was, in UTC): its command, date, machine,
+def render_run(results: dict, when: datetime) -> str:
+    """One run of the bench (`when`: when it started, in UTC): its command, date, machine,
     quietness and every section's table."""
     meta, contention = results["meta"], results["contention"]
     command = shlex.join(["python", "-m", "shaq.bench", *meta["argv"]])
     parts = [f"## `{command}`"]
     if meta["quick"]:
         parts.append(PLACEHOLDER)
-    parts.append(f"JSON written {written:%Y-%m-%d %H:%M} UTC.")
+    parts.append(f"Run started {when:%Y-%m-%d %H:%M} UTC.")
     parts.append("\n".join(machine_lines(meta)))
     quiet = (
         f"Quiet: {contention['summary']}."
@@ -122,7 +122,7 @@ def render(runs: list[tuple[dict, datetime]], command: str) -> str:
         "machine and this command, rather than editing it by hand. Timings on a machine shared "
         "with other work mean little: each part says how quiet its run was."
     )
-    parts = [header, *(render_run(results, written) for results, written in runs)]
+    parts = [header, *(render_run(results, when) for results, when in runs)]
     return "\n\n".join(parts) + "\n"
 
 
@@ -141,7 +141,13 @@ def main(argv: list[str] | None = None) -> int:
     runs = []
     for path in args.runs:
         results = load_run(path, args.allow_quick)
-        runs.append((results, datetime.fromtimestamp(path.stat().st_mtime, timezone.utc)))
+        started = results["meta"].get("started_utc")
+        when = (
+            datetime.fromisoformat(started)
+            if started
+            else datetime.fromtimestamp(path.stat().st_mtime, timezone.utc)
+        )
+        runs.append((results, when))
     command = shlex.join(["python", "tools/perf_doc.py", *(sys.argv[1:] if argv is None else argv)])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(render(runs, command))

@@ -11,7 +11,10 @@ PAGE is a path under the built site (default: every chapter notebook listed in _
    them, a page with code and figures 5-15%, a blank page 0%);
 2. loads the page's final DOM (``--dump-dom``, after scripts ran) and fails if equations were
    not typeset by MathJax or widget views were not drawn by the widget renderer, both of which
-   the site serves itself (no network is needed or used).
+   the site serves itself (no network is needed or used);
+3. for every SVG diagram the page shows (``<img src="....svg">``, the chapters' drawn figures),
+   fails if the file is missing, if Chromium cannot decode it as an image (its ``naturalWidth``
+   is 0 or it fires ``onerror``), or if it renders blank.
 
 Chromium comes from Debian: ``apt-get install -y chromium``. Exits 0 if every page looks right,
 1 if one does not, 2 if Chromium or the site is missing. The PNGs are kept in --out to look at.
@@ -33,6 +36,7 @@ BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stab
 MIN_INK = (
     0.008  # least fraction of non-white pixels in the text column of a page that shows something
 )
+MIN_DIAGRAM_INK = 0.01  # least fraction of non-white pixels of a diagram rendered on its own
 
 
 def find_browser() -> str | None:
@@ -191,11 +195,46 @@ def check(
     drawn = len(re.findall(r'class="[^"]*\bjupyter-widgets\b', dom))
     if views and drawn < views:
         problems.append(f"{page}: {views} widget view(s) but only {drawn} drawn: blank widgets")
+    shown = []
+    for src in dict.fromkeys(re.findall(r'<img[^>]+src="([^"]+\.svg)"', source)):
+        found, problem = check_diagram(browser, path.parent / src, shot.with_suffix(""))
+        problems += [f"{page}: {problem}"] if problem else []
+        shown += [found] if found else []
     print(
         f"  {page}: {overall:.1%} of pixels drawn ({column:.1%} in the text column), "
-        f"math {'typeset' if has_math else 'none'}, {views} widget view(s), screenshot {shot}"
+        f"math {'typeset' if has_math else 'none'}, {views} widget view(s), "
+        f"{len(shown)} diagram(s){': ' + ', '.join(shown) if shown else ''}, screenshot {shot}"
     )
     return problems
+
+
+def check_diagram(browser: str, svg: Path, out_stem: Path) -> tuple[str | None, str | None]:
+    """(what was seen, None) for an SVG that decodes and shows ink, else (None, the problem)."""
+    svg = svg.resolve()
+    if not svg.is_file():
+        return None, f"diagram {svg.name} is not in the built site"
+    # Decoded as an <img>, as the page shows it: the browser reports its natural width, or error.
+    probe = out_stem.parent / f"{out_stem.name}__{svg.stem}.html"
+    probe.write_text(
+        f'<body><img src="{svg.as_uri()}" onload="document.body.dataset.loaded = this.naturalWidth"'
+        " onerror=\"document.body.dataset.loaded = 'error'\"></body>",
+        encoding="utf-8",
+    )
+    dom = chromium(browser, "--dump-dom", probe.as_uri()).stdout
+    loaded = re.search(r'data-loaded="([^"]*)"', dom)
+    if loaded is None or not loaded[1].isdigit() or int(loaded[1]) == 0:
+        state = loaded[1] if loaded else "no load event"
+        return None, f"diagram {svg.name} does not decode as an image ({state})"
+    # Rendered on its own: a diagram that decodes but draws nothing is as bad as a missing one.
+    shot = probe.with_suffix(".png")
+    shot.unlink(missing_ok=True)
+    chromium(browser, "--window-size=1000,800", f"--screenshot={shot}", svg.as_uri())
+    if not shot.is_file():
+        return None, f"diagram {svg.name}: Chromium wrote no screenshot"
+    overall, _ = ink_fractions(shot)
+    if overall < MIN_DIAGRAM_INK:
+        return None, f"diagram {svg.name} renders blank ({overall:.1%} of pixels drawn); see {shot}"
+    return f"{svg.name} ({loaded[1]} px wide, {overall:.1%} drawn)", None
 
 
 def main(argv: list[str] | None = None) -> int:

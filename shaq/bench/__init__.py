@@ -58,6 +58,7 @@ import os
 import platform
 import sys
 from collections.abc import Callable
+from datetime import datetime, timezone
 
 import torch
 
@@ -220,6 +221,7 @@ def main(argv: list[str] | None = None) -> dict:
             "bf16": args.bf16,
             "malloc_tuned": malloc_tuned,
             "argv": sys.argv[1:] if argv is None else argv,
+            "started_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
     }
     idle = monitor.idle_probe(plan.idle_probe_s)

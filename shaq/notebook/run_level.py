@@ -21,7 +21,9 @@ from shaq.train_config import TrainConfig
 
 LEVELS = ("smoke", "demo", "full")
 # The smoke level reads only this many bytes of the stand-in: enough for every split to hold real
-# text, small enough that each chapter's smoke run takes seconds.
+# text, small enough that each chapter's smoke run takes seconds. They are the start of each split
+# in its 90/5/5 share, so that smoke scores the same validation bytes as the Trainer and as the
+# other levels (the first bytes of the stand-in's validation split).
 SMOKE_MAX_BYTES = 1_000_000
 # The bytes of the validation (and test) split that every chapter scores at each level: one slice,
 # the split's first bytes, so that figures from different chapters at one level are comparable.
@@ -80,7 +82,8 @@ class RunLevel:
 
     @property
     def max_bytes(self) -> int | None:
-        """How much of the stand-in this level reads: its first 1 MB at smoke, all of it at demo."""
+        """How much of the stand-in this level reads: 1 MB at smoke (the start of each split in its
+        90/5/5 share), all of it at demo."""
         return SMOKE_MAX_BYTES if self.is_smoke else None
 
     @property
@@ -89,7 +92,10 @@ class RunLevel:
         if self.data == "enwik8":
             return "enwik8"
         version = shaq.data.STANDIN_NAME.removeprefix("standin-")
-        first = f", first {self.max_bytes:,} bytes" if self.max_bytes is not None else ""
+        first = ""
+        if self.max_bytes is not None:
+            sizes = " / ".join(f"{n:,}" for n in _smoke_split_bytes())
+            first = f", the first {sizes} bytes of its train / valid / test splits"
         return f"the stand-in ({version} stdlib + pydoc text{first})"
 
     @property
@@ -108,9 +114,13 @@ class RunLevel:
         return corpus.valid[: self.eval_bytes]
 
     def load_corpus(self) -> Corpus:
-        """The corpus of this level: the stand-in (its first 1 MB at smoke) or enwik8 at full,
-        downloaded into `data_root` on first use (see `shaq.data.load_corpus`)."""
-        return shaq.data.load_corpus(self.data, self.data_root, max_bytes=self.max_bytes)
+        """The corpus of this level: the stand-in (the start of each split at smoke) or enwik8 at
+        full, downloaded into `data_root` on first use (see `shaq.data.load_corpus`)."""
+        corpus = shaq.data.load_corpus(self.data, self.data_root)
+        if not self.is_smoke:
+            return corpus
+        train, valid, test = _smoke_split_bytes()
+        return Corpus(corpus.train[:train], corpus.valid[:valid], corpus.test[:test], corpus.name)
 
     # ------------------------------------------------------------------------- time and cost
 
@@ -155,6 +165,12 @@ class RunLevel:
         text = self.provenance(self.elapsed())
         show(MarkdownLine(text, f"*{text}.*"), display_id=_PROVENANCE_ID, update=True)
         print(text)
+
+
+def _smoke_split_bytes() -> tuple[int, int, int]:
+    """The train, valid and test bytes of the smoke corpus: SMOKE_MAX_BYTES cut 90/5/5."""
+    n_eval = SMOKE_MAX_BYTES * 5 // 100
+    return SMOKE_MAX_BYTES - 2 * n_eval, n_eval, n_eval
 
 
 def describe_device(device: torch.device) -> str:
