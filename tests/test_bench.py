@@ -240,6 +240,14 @@ def test_profile_of_an_unknown_shape_fails_before_any_work():
         main(["--quick", "--device", "cpu", "--profile", "paper"])
 
 
+def test_step_shapes_picks_the_step_sections_shapes_and_refuses_unknown_ones():
+    argv = ["--quick", "--device", "cpu", "--no-malloc-tuning", "--only", "step"]
+    results = main([*argv, "--step-shapes", "smoke"])
+    assert [entry["shape"] for entry in results["step"]] == ["smoke"]
+    with pytest.raises(SystemExit, match=r"\['paper'\] not among the quick plan's"):
+        main([*argv, "--step-shapes", "smoke", "paper"])
+
+
 def _perf_doc():
     """tools/perf_doc.py as a module (tools/ is no package)."""
     spec = importlib.util.spec_from_file_location("perf_doc", ROOT / "tools" / "perf_doc.py")

@@ -7,6 +7,7 @@ training loop.
     python -m shaq.bench --bf16 --device cuda  # bfloat16 autocast, on a GPU
     python -m shaq.bench --compile             # a torch.compile'd SHAQ step against eager
     python -m shaq.bench --profile paper       # where a paper-shape training step's time goes
+    python -m shaq.bench --step-shapes cpu small  # steps without the paper shape (less memory)
 
 Everything runs side by side in one process on one device, each measurement after warm-up
 calls, reporting the median of several timed calls (CUDA is synchronised around each).
@@ -58,6 +59,7 @@ import os
 import platform
 import sys
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import datetime, timezone
 
 import torch
@@ -163,6 +165,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "unless --only names sections too",
     )
     parser.add_argument(
+        "--step-shapes",
+        nargs="+",
+        metavar="SHAPE",
+        help="time the step section at only these of the plan's step shapes (full: cpu, small, "
+        "paper; --quick: smoke, tiny-paper); on a CPU the paper shape needs more than 24 GiB",
+    )
+    parser.add_argument(
         "--no-malloc-tuning",
         action="store_true",
         help="leave glibc's malloc as it is (see tune_cpu_allocator)",
@@ -202,6 +211,14 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(
             f"--profile takes one of the {which} plan's step shapes {shapes}, not {args.profile!r}"
         )
+    if args.step_shapes:
+        unknown = sorted(set(args.step_shapes) - set(shapes))
+        if unknown:
+            which = "quick" if args.quick else "full"
+            raise SystemExit(f"--step-shapes: {unknown} not among the {which} plan's {shapes}")
+    step_plan = replace(
+        plan, steps=tuple(s for s in plan.steps if s.name in (args.step_shapes or shapes))
+    )
     if args.bf16 and device.type == "cpu" and not cpu_has_bf16():
         raise SystemExit(
             "--bf16 on this CPU: it has no bf16 instructions (AVX512-BF16 or AMX), so "
@@ -260,7 +277,7 @@ def main(argv: list[str] | None = None) -> dict:
         "rnn": lambda: bench_rnn(ctx, plan, peak),
         "forget_mult": lambda: bench_forget_mult(ctx, plan),
         "attention": lambda: bench_attention(ctx, plan),
-        "step": lambda: bench_steps(ctx, plan, peak),
+        "step": lambda: bench_steps(ctx, step_plan, peak),
         "trainer": lambda: bench_trainer(ctx, plan),
         "codec": lambda: bench_codec(ctx, plan.trainer, plan.codec_positions),
     }
