@@ -169,7 +169,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         nargs="+",
         metavar="SHAPE",
         help="time the step section at only these of the plan's step shapes (full: cpu, small, "
-        "paper; --quick: smoke, tiny-paper); on a CPU the paper shape needs more than 24 GiB",
+        "paper; --quick: smoke, tiny-paper); the paper shape ran a 24 GiB CPU machine out of "
+        "memory",
     )
     parser.add_argument(
         "--no-malloc-tuning",
@@ -206,15 +207,14 @@ def main(argv: list[str] | None = None) -> dict:
     device = pick_device(args.device)
     plan = quick_plan() if args.quick else full_plan()
     shapes = [s.name for s in plan.steps]
+    which = "quick" if args.quick else "full"
     if args.profile and args.profile not in shapes:
-        which = "quick" if args.quick else "full"
         raise SystemExit(
             f"--profile takes one of the {which} plan's step shapes {shapes}, not {args.profile!r}"
         )
     if args.step_shapes:
         unknown = sorted(set(args.step_shapes) - set(shapes))
         if unknown:
-            which = "quick" if args.quick else "full"
             raise SystemExit(f"--step-shapes: {unknown} not among the {which} plan's {shapes}")
     step_plan = replace(
         plan, steps=tuple(s for s in plan.steps if s.name in (args.step_shapes or shapes))
