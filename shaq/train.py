@@ -7,7 +7,8 @@ The procedure is the reference's (Merity 2019, main.py):
 - the recurrent state and the attention memory of one segment are carried into the next and
   detached in between (truncated backpropagation through time); a new epoch starts cold;
 - the segment length varies around `seq_len` if asked (`shaq.data.segment_length`);
-- LAMB with minimum trust (or Adam), linear warmup then a constant rate, gradient clipping;
+- LAMB with minimum trust (or Adam), linear warmup then a constant rate or a linear decay to 0,
+  gradient clipping;
 - validation in bits per byte (`shaq.evaluate`) from time to time, and at the end a test
   evaluation of the best-validated weights.
 
@@ -238,12 +239,18 @@ class Trainer(RunCheckpoints):
         self.progress.elapsed = time.perf_counter() - self._started
         time_up = config.minutes is not None and self.progress.elapsed >= 60 * config.minutes
         flags = torch.tensor(
-            [float(time_up), float(self._signals.caught is not None)], device=self.device
+            [float(time_up), float(self._signals.caught is not None), self.progress.elapsed],
+            device=self.device,
         )
         totals = all_reduce_sum(
             torch.cat([out.loss.detach().float().view(1), flags]), self.dist
         ).tolist()
         loss, grad_norm = totals[0] / self.dist.world_size, grad_norm.item()
+        if config.decay == "linear":  # every process decays by the same (mean) elapsed time
+            left = max(0.0, 1.0 - self._budget_used(totals[3] / self.dist.world_size))
+            rates = self.scheduler.get_last_lr()  # the warmup's
+            for group, rate in zip(self.optimizer.param_groups, rates, strict=True):
+                group["lr"] = rate * left
         lr = self.optimizer.param_groups[0]["lr"]
         # The fp16 scaler skips steps with inf gradients by design; without it they would
         # poison the weights, so they count as non-finite too.
@@ -287,6 +294,18 @@ class Trainer(RunCheckpoints):
     def _bpb(self, rows: torch.Tensor) -> float:
         """Bits per byte over every process's rows."""
         return bits_per_byte(self.model, rows, self.config.seq_len, self.amp_dtype, self.dist)
+
+    def _budget_used(self, elapsed: float) -> float:
+        """The fraction of the run's budget used before this step: the largest of its steps,
+        epochs and minutes that are set (TrainConfig.decay)."""
+        config, used = self.config, [0.0]
+        if config.steps is not None:
+            used.append(self.progress.step / config.steps)
+        if config.epochs is not None:
+            used.append(self.epochs_done / config.epochs)
+        if config.minutes is not None:
+            used.append(elapsed / (60 * config.minutes))
+        return max(used)
 
     @property
     def epochs_done(self) -> float:

@@ -15,6 +15,11 @@ from shaq.data import CORPORA
 from shaq.device import AMP_CHOICES, DEVICES
 from shaq.models import MODELS
 
+# How the learning rate falls after the warmup. 'linear' multiplies it by 1 - p, where p is the
+# fraction of the run's budget used so far: the largest of steps / `steps`, epochs / `epochs` and
+# elapsed / `minutes` for those that are set, so a run that stops on time ends at a rate near 0.
+DECAYS = ("none", "linear")
+
 
 @dataclass
 class TrainConfig:
@@ -40,7 +45,8 @@ class TrainConfig:
     minutes: float | None = None
     optimizer: str = "lamb"  # 'lamb' (LAMB with minimum trust) or 'adam'
     lr: float = 2e-3
-    warmup: int = 800  # steps of linear warmup, then a constant rate
+    warmup: int = 800  # steps of linear warmup, then a constant rate (or the decay below)
+    decay: str = "none"  # 'none', or 'linear': down to 0 as the run's budget runs out (below)
     weight_decay: float = 1.2e-6
     min_trust: float = 0.25  # LAMB's floor of the trust ratio
     clip: float = 0.25  # max global gradient norm; 0 = no clipping
@@ -105,6 +111,7 @@ class TrainConfig:
         )
         need(self.lr > 0, f"lr must be > 0, got {self.lr}")
         need(self.warmup >= 0, f"warmup must be >= 0 steps, got {self.warmup}")
+        need(self.decay in DECAYS, f"decay must be one of {list(DECAYS)}, got {self.decay!r}")
         need(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
         need(0 <= self.min_trust < 1, f"min_trust must be in [0, 1), got {self.min_trust}")
         need(self.clip >= 0, f"clip must be >= 0 (0 = no clipping), got {self.clip}")

@@ -84,6 +84,32 @@ def test_warmup_is_linear_then_constant(tmp_path):
     assert lrs == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3, 1e-3, 1e-3])
 
 
+def test_linear_decay_reaches_zero_at_the_end_of_the_budget(tmp_path):
+    Trainer(
+        smoke(tmp_path, steps=8, warmup=4, lr=1e-3, decay="linear", eval_interval=0),
+        SHARNNConfig.smoke(),
+        verbose=False,
+    ).fit()
+    lrs = [m["lr"] for m in read_log(tmp_path / "run")]
+    warm = [2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3, 1e-3, 1e-3]
+    assert lrs == pytest.approx([w * (1 - s / 8) for s, w in enumerate(warm)])
+
+
+def test_linear_decay_by_time_follows_the_elapsed_minutes(tmp_path):
+    seen = []
+    Trainer(
+        smoke(tmp_path, steps=None, minutes=0.05, warmup=0, decay="linear", eval_interval=0),
+        SHARNNConfig.smoke(),
+        verbose=False,
+        callback=seen.append,
+    ).fit()
+    assert len(seen) > 2 and [m["lr"] for m in seen] == sorted(m["lr"] for m in seen)[::-1]
+    for m in seen:  # a step's rate is set from the time its gradient was ready (logged with it)
+        assert m["lr"] == pytest.approx(2e-3 * max(0.0, 1 - m["time"] / 3), abs=1e-6)
+    with pytest.raises(ValueError, match="decay must be one of"):
+        smoke(tmp_path, decay="cosine")
+
+
 def test_variable_lengths_and_epochs_wrap_with_adam_and_the_lstm(tmp_path):
     # 2,000 bytes in 4 rows: an epoch is 499 input columns, so 40 steps of ~32 wrap around twice.
     config = smoke(
