@@ -80,12 +80,14 @@ class ShatterConfig(ModelConfig):
 
     @classmethod
     def cpu(cls, **overrides) -> "ShatterConfig":
-        """About SHAQ's cpu preset in size: 2 blocks, 256 wide, memory 1024, no dropout [ours]."""
+        """About SHAQ's cpu preset in size: 2 blocks, 256 wide, memory 1024, MLP 2d, no dropout
+        [ours]."""
         return replace(
             cls(
                 d_model=256,
                 n_layers=2,
                 memory_len=1024,
+                ff_expansion=2,
                 dropout_input=0.0,
                 dropout_hidden=0.0,
                 dropout_output=0.0,

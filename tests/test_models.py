@@ -319,7 +319,7 @@ def test_lstm_config_presets_and_sizes():
     def count(m):
         return sum(p.numel() for p in m.parameters())
 
-    sizes = (("paper", 1024, 4, 33_849_600), ("cpu", 256, 3, 1_644_800), ("smoke", 64, 2, 83_200))
+    sizes = (("paper", 1024, 4, 33_849_600), ("cpu", 256, 2, 1_118_464), ("smoke", 64, 2, 83_200))
     for preset, d, n, params in sizes:
         config, sharnn = LSTMConfig.preset(preset), SHARNNConfig.preset(preset)
         assert config.to_dict() == {key: sharnn.to_dict()[key] for key in config.to_dict()}

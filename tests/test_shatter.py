@@ -269,7 +269,7 @@ def test_presets_are_about_the_size_of_their_targets():
     report = f"ShatterLM parameters {counts}, targets {targets}"
     for name, target in targets.items():
         assert abs(counts[name] / target - 1) <= 0.10, report
-    assert counts["smoke"] < counts["cpu"] / 10, report
+    assert counts["smoke"] < counts["cpu"] / 5, report
     # With K = 3 and no output projection the attention has (K + 1) d^2 weights, multi-head's 4 d^2.
     attention = ShatterLM(ShatterConfig.smoke()).blocks[0].attention
     assert count(attention) == 4 * 64 * 64 + 64 + 1  # W_q, b_q, W_v^1..3 and c

@@ -4,6 +4,7 @@ from dataclasses import dataclass, field, replace
 
 from shaq.byte_lm import ModelConfig
 from shaq.models import model_config
+from shaq.train_config import TrainConfig
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,8 @@ def full_plan() -> Plan:
     # Two or more warm-up steps: the first steps of a model also fault in the pages its
     # activations need (several GB at the paper's shape); only from about the third step on
     # does the allocator reuse memory without asking the kernel for more.
-    cpu = StepShape("cpu", "cpu", 16, 256, warmup=3, repeats=5)
+    preset = TrainConfig.cpu()  # the cpu shape is the preset's batch and segment
+    cpu = StepShape("cpu", "cpu", preset.batch_size, preset.seq_len, warmup=3, repeats=5)
     # The shape of the quoted 1,180 bytes/s: emsize 256, Boom 1024, 4 blocks, bptt 256,
     # the paper's memory and dropouts.
     small = StepShape("small", "paper", 16, 256, warmup=2, repeats=3, overrides={"d_model": 256})
