@@ -6,19 +6,20 @@ valid and test bpb over the whole splits) in a JSON-lines file; `--table` prints
 Markdown table the README and chapter 11 show. Run it alone on a quiet machine: the runs are
 compared by what they reach in the same time.
 
-    python tools/cpu_sweep.py --minutes 5 --out sweep.jsonl baseline lr=4e-3 "qrnn_init=reference"
+    python tools/cpu_sweep.py --minutes 5 --out sweep.jsonl baseline n_layers=2 'decay="none"'
     python tools/cpu_sweep.py --table sweep.jsonl
-    python tools/cpu_sweep.py --minutes 15 --snapshots 5,10 --out final.jsonl "lr=4e-3"
+    python tools/cpu_sweep.py --minutes 5 10 15 --dynamic --out final.jsonl baseline
 
-With --snapshots the run also keeps its weights at those minutes (the learning rate is constant
-after the warmup, so they are what a run of that length would end with) and reports, for each,
-the static bpb over the whole valid and test splits; for the run's end also the bpb under dynamic
-evaluation (`shaq.evaluate.evaluate_dynamic`, its lr picked on the first 128 kB of valid); and
-zlib, bz2 and lzma at their strongest settings on the same bytes.
+Several --minutes train each variant once per length: the preset's learning rate decays to 0 at
+the end of the run's time, so a shorter run is a run of its own, not an early part of a longer
+one. With --dynamic each run also reports its bpb under dynamic evaluation
+(`shaq.evaluate.evaluate_dynamic`, its lr picked on the first 128 kB of valid, with the rows of
+the static figures) and zlib, bz2 and lzma at their strongest settings on the same bytes.
 
-A variant is space-separated key=value settings: any TrainConfig or SHARNNConfig field, and
-`qrnn_init=reference`, which initialises the QRNN gate Linears as the reference initialised
-every other Linear (N(0, 0.1/sqrt(d)), zero bias) instead of PyTorch's default.
+A variant is space-separated key=value settings (values in JSON: strings quoted): any TrainConfig
+or SHARNNConfig field, and `qrnn_init=reference`, which initialises the QRNN gate Linears as the
+reference initialised every other Linear (N(0, 0.1/sqrt(d)), zero bias) instead of PyTorch's
+default.
 """
 
 import argparse
@@ -34,7 +35,7 @@ from pathlib import Path
 import torch
 
 from shaq.device import cpu_name
-from shaq.evaluate import DynamicEval, compressor_bpb, evaluate, evaluate_dynamic
+from shaq.evaluate import DynamicEval, compressor_bpb, evaluate_dynamic
 from shaq.models import SHARNNConfig
 from shaq.table import Table
 from shaq.train import TrainConfig, Trainer
@@ -63,14 +64,9 @@ def reference_qrnn_init(model: torch.nn.Module) -> None:
                 module.gates.bias.zero_()
 
 
-def evaluate_snapshot(model: torch.nn.Module, corpus, train: TrainConfig, dynamic: bool) -> dict:
-    """Static (and, if asked, dynamic) bpb of `model` over the whole valid and test splits."""
-    result = {
-        "valid_bpb": evaluate(model, corpus.valid, train.eval_batch_size, train.seq_len),
-        "test_bpb": evaluate(model, corpus.test, train.test_batch_size, train.seq_len),
-    }
-    if not dynamic:
-        return result
+def evaluate_dynamically(model: torch.nn.Module, corpus, train: TrainConfig) -> dict:
+    """bpb under dynamic evaluation over the whole valid and test splits, its lr picked on the
+    first 128 kB of valid, with the rows of the static figures."""
     tune = {
         lr: evaluate_dynamic(
             model,
@@ -83,12 +79,9 @@ def evaluate_snapshot(model: torch.nn.Module, corpus, train: TrainConfig, dynami
         for lr in (1e-4, 3e-4, 1e-3)
     }
     lr = min(tune, key=tune.get)
-    result["dynamic_lr"], result["dynamic_tuning"] = lr, tune
-    for split in ("valid", "test"):
+    result = {"dynamic_lr": lr, "dynamic_tuning": tune}
+    for split, rows in (("valid", train.eval_batch_size), ("test", train.test_batch_size)):
         started = time.perf_counter()
-        rows = (
-            train.eval_batch_size if split == "valid" else train.test_batch_size
-        )  # as the static figures
         result[f"dynamic_{split}_bpb"] = evaluate_dynamic(
             model, getattr(corpus, split), train.seq_len, settings=DynamicEval(lr=lr), rows=rows
         )
@@ -96,7 +89,7 @@ def evaluate_snapshot(model: torch.nn.Module, corpus, train: TrainConfig, dynami
     return result
 
 
-def run_one(variant: str, minutes: float, out_dir: str, snapshots: tuple[float, ...] = ()) -> dict:
+def run_one(variant: str, minutes: float, out_dir: str, dynamic: bool = False) -> dict:
     settings = parse_variant(variant)
     qrnn_init = settings.pop("qrnn_init", "torch")
     model_names = {f.name for f in fields(SHARNNConfig)}
@@ -108,20 +101,7 @@ def run_one(variant: str, minutes: float, out_dir: str, snapshots: tuple[float, 
         out_dir=out_dir,
         **{k: v for k, v in settings.items() if k not in model_names},
     )
-    kept: dict[float, dict] = {}
-
-    def keep(
-        metrics: dict,
-    ) -> None:  # the weights as they are when the run passes each snapshot time
-        for at in snapshots:
-            if at not in kept and metrics["time"] >= 60 * at:
-                kept[at] = {
-                    "steps": metrics["step"],
-                    "bytes": metrics["bytes"],
-                    "weights": {k: v.clone() for k, v in trainer.model.state_dict().items()},
-                }
-
-    trainer = Trainer(train, model, verbose=False, callback=keep)
+    trainer = Trainer(train, model, verbose=False)
     if qrnn_init == "reference":
         torch.manual_seed(train.seed)
         reference_qrnn_init(trainer.model)
@@ -148,46 +128,31 @@ def run_one(variant: str, minutes: float, out_dir: str, snapshots: tuple[float, 
             )
         },
     }
-    if snapshots:
+    if dynamic:  # the tested weights, as for the static figures
         corpus = trainer.corpus
         result["compressors"] = {
             split: compressor_bpb(bytes(getattr(corpus, split).numpy()))
             for split in ("valid", "test")
         }
-        final = {
-            "steps": summary["tested_step"],
-            "bytes": summary["bytes"],
-            "weights": {k: v.clone() for k, v in trainer.model.state_dict().items()},
-        }
-        result["snapshots"] = {}
-        for at, snap in [*sorted(kept.items()), (minutes, final)]:
-            trainer.model.load_state_dict(snap["weights"])
-            result["snapshots"][str(at)] = {
-                "steps": snap["steps"],
-                "bytes": snap["bytes"],
-                **evaluate_snapshot(trainer.model, corpus, train, at == minutes),
-            }
-            print(json.dumps({at: result["snapshots"][str(at)]}), flush=True)
+        result.update(evaluate_dynamically(trainer.model, corpus, train))
     return result
 
 
 def table(path: Path) -> Table:
+    """The runs of a JSON-lines file, with dynamic-evaluation columns if any run has them."""
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return Table(
-        ["variant", "minutes", "steps", "MB trained", "bytes/s", "valid bpb", "test bpb"],
-        [
-            [
-                r["variant"],
-                r["minutes"],
-                r["steps"],
-                r["bytes"] / 1e6,
-                round(r["bytes_per_second"]),
-                r["valid_bpb"],
-                r["test_bpb"],
-            ]
-            for r in rows
-        ],
-    )
+    headers = ["variant", "minutes", "steps", "MB trained", "bytes/s", "valid bpb", "test bpb"]
+    dynamic = any("dynamic_valid_bpb" in r for r in rows)
+    if dynamic:
+        headers += ["dynamic valid bpb", "dynamic test bpb"]
+    body = []
+    for r in rows:
+        row = [r["variant"], r["minutes"], r["steps"], r["bytes"] / 1e6]
+        row += [round(r["bytes_per_second"]), r["valid_bpb"], r["test_bpb"]]
+        if dynamic:
+            row += [r.get("dynamic_valid_bpb", ""), r.get("dynamic_test_bpb", "")]
+        body.append(row)
+    return Table(headers, body)
 
 
 def main() -> int:
@@ -197,15 +162,15 @@ def main() -> int:
     parser.add_argument(
         "variants", nargs="*", help="settings of each run, e.g. 'baseline' 'lr=4e-3'"
     )
-    parser.add_argument("--minutes", type=float, default=5.0)
+    parser.add_argument(
+        "--minutes", type=float, nargs="+", default=[5.0], help="one run of each length"
+    )
     parser.add_argument("--out", type=Path, default=Path("sweep.jsonl"))
     parser.add_argument(
         "--table", type=Path, help="print the table of a sweep's JSON-lines file and stop"
     )
     parser.add_argument(
-        "--snapshots",
-        default="",
-        help="minutes at which to keep and evaluate the weights, e.g. 5,10",
+        "--dynamic", action="store_true", help="also dynamic evaluation and the compressors"
     )
     parser.add_argument(
         "--keep", type=Path, help="keep the run folders under this folder (default: deleted)"
@@ -216,37 +181,37 @@ def main() -> int:
         print(table(args.table).markdown())
         return 0
     if args.one is not None:
-        snapshots = tuple(float(m) for m in args.snapshots.split(",") if m)
         with tempfile.TemporaryDirectory(dir=args.keep) as tmp:
             folder = (
                 Path(tmp) / "run"
                 if args.keep is None
                 else args.keep / time.strftime("%Y%m%d-%H%M%S")
             )
-            result = run_one(args.one, args.minutes, str(folder), snapshots)
+            result = run_one(args.one, args.minutes[0], str(folder), args.dynamic)
         with args.out.open("a") as out:
             out.write(json.dumps(result) + "\n")
         return 0
+    keep = ["--keep", str(args.keep)] if args.keep else []
+    dynamic = ["--dynamic"] if args.dynamic else []
     for variant in args.variants:  # one process each: no run inherits another's allocator or caches
-        started = time.time()
-        keep = ["--keep", str(args.keep)] if args.keep else []
-        subprocess.run(
-            [
-                sys.executable,
-                __file__,
-                "--one",
-                variant,
-                "--minutes",
-                str(args.minutes),
-                "--snapshots",
-                args.snapshots,
-                "--out",
-                str(args.out),
-                *keep,
-            ],
-            check=True,
-        )
-        print(f"{variant}: done in {time.time() - started:.0f} s", flush=True)
+        for minutes in args.minutes:
+            started = time.time()
+            subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--one",
+                    variant,
+                    "--minutes",
+                    str(minutes),
+                    "--out",
+                    str(args.out),
+                    *dynamic,
+                    *keep,
+                ],
+                check=True,
+            )
+            print(f"{variant}, {minutes:g} min: done in {time.time() - started:.0f} s", flush=True)
     print(table(args.out).markdown())
     return 0
 
