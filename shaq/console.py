@@ -79,8 +79,15 @@ def format_header(
     return (
         f"{config.model}: {n_params:,} parameters | {data}: {train_bytes:,} training bytes | "
         f"{device}, {precision[amp_dtype]} | batch {config.batch_size} x {config.seq_len} | "
-        f"{config.optimizer} lr {config.lr:g} | until {until} | run dir {run_dir}"
+        f"{rate_text(config)} | until {until} | run dir {run_dir}"
     )
+
+
+def rate_text(config) -> str:
+    """How a TrainConfig sets the learning rate, e.g. 'lamb lr 0.004, warmup 100, linear decay to
+    0'."""
+    decay = ", linear decay to 0" if config.decay == "linear" else ""
+    return f"{config.optimizer} lr {config.lr:g}, warmup {config.warmup}{decay}"
 
 
 def step_text(metrics: dict, valid_bpb: float | None, rate: float) -> str:

@@ -68,6 +68,14 @@ def test_full_cost_is_said_in_gpu_hours_at_the_papers_speed():
         notebook.full_cost()
 
 
+def test_rate_text_says_the_warmup_and_the_decay():
+    from shaq.train_config import TrainConfig
+
+    assert notebook.rate_text(TrainConfig.paper()) == "lamb lr 0.002, warmup 800"
+    cpu = TrainConfig.cpu(optimizer="adam")
+    assert notebook.rate_text(cpu) == "adam lr 0.004, warmup 100, linear decay to 0"
+
+
 def test_setup_reads_the_level_and_device_from_the_environment(clean_env):
     clean_env.setenv(notebook.LEVEL_ENV, "smoke")
     clean_env.setenv(notebook.DEVICE_ENV, "cpu")

@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 import shaq
-from shaq.console import format_duration
+from shaq.console import format_duration, rate_text
 from shaq.device import pick_device
 from shaq.notebook.live_plot import LivePlot
 from shaq.notebook.run_level import (
@@ -64,6 +64,7 @@ __all__ = [
     "format_duration",
     "full_cost",
     "parse_level",
+    "rate_text",
     "seed_everything",
     "setup",
 ]
