@@ -3,6 +3,8 @@ non-finite losses; plus TrainConfig validation and device selection."""
 
 import json
 import math
+import os
+import signal
 
 import pytest
 import torch
@@ -12,7 +14,7 @@ from shaq.console import ProgressBar
 from shaq.device import autocast_dtype, cpu_has_bf16, pick_device, resolve_amp
 from shaq.evaluate import LN2, evaluate
 from shaq.models import LSTMConfig, SHARNNConfig, build_model, model_config
-from shaq.train import TrainConfig, Trainer, TrainingError
+from shaq.train import TrainConfig, Trainer, TrainingError, TrainingInterrupted
 
 
 def smoke(tmp_path, name="run", **overrides) -> TrainConfig:
@@ -98,7 +100,15 @@ def test_linear_decay_reaches_zero_at_the_end_of_the_budget(tmp_path):
 def test_linear_decay_by_time_follows_the_elapsed_minutes(tmp_path):
     seen = []
     Trainer(
-        smoke(tmp_path, steps=None, minutes=0.05, warmup=0, decay="linear", eval_interval=0),
+        smoke(  # an LSTM: a QRNN's first step may build its C++ extension, longer than 3 s
+            tmp_path,
+            model="sharnn",
+            steps=None,
+            minutes=0.05,
+            warmup=0,
+            decay="linear",
+            eval_interval=0,
+        ),
         SHARNNConfig.smoke(),
         verbose=False,
         callback=seen.append,
@@ -108,6 +118,27 @@ def test_linear_decay_by_time_follows_the_elapsed_minutes(tmp_path):
         assert m["lr"] == pytest.approx(2e-3 * max(0.0, 1 - m["time"] / 3), abs=1e-6)
     with pytest.raises(ValueError, match="decay must be one of"):
         smoke(tmp_path, decay="cosine")
+
+
+def test_a_decaying_run_stopped_and_resumed_computes_what_a_straight_run_does(tmp_path):
+    def stop_after_5(metrics):
+        if metrics["step"] == 5:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    settings = dict(steps=12, warmup=2, decay="linear", eval_interval=4, save_interval=3)
+    Trainer(smoke(tmp_path, "straight", **settings), SHARNNConfig.smoke(), verbose=False).fit()
+    stopped = Trainer(
+        smoke(tmp_path, "stopped", **settings),
+        SHARNNConfig.smoke(),
+        callback=stop_after_5,
+        verbose=False,
+    )
+    with pytest.raises(TrainingInterrupted):
+        stopped.fit()
+    Trainer.resume(tmp_path / "stopped", verbose=False).fit()
+    straight, resumed = read_log(tmp_path / "straight"), read_log(tmp_path / "stopped")
+    assert [m["lr"] for m in resumed] == [m["lr"] for m in straight]
+    assert [m["loss"] for m in resumed] == [m["loss"] for m in straight]
 
 
 def test_variable_lengths_and_epochs_wrap_with_adam_and_the_lstm(tmp_path):

@@ -6,20 +6,20 @@ valid and test bpb over the whole splits) in a JSON-lines file; `--table` prints
 Markdown table the README and chapter 11 show. Run it alone on a quiet machine: the runs are
 compared by what they reach in the same time.
 
-    python tools/cpu_sweep.py --minutes 5 --out sweep.jsonl baseline n_layers=2 'decay="none"'
+    python tools/cpu_sweep.py --minutes 5 --out sweep.jsonl baseline n_layers=2 decay=none
     python tools/cpu_sweep.py --table sweep.jsonl
-    python tools/cpu_sweep.py --minutes 5 10 15 --dynamic --out final.jsonl baseline
+    python tools/cpu_sweep.py --minutes 5,10,15 --dynamic --out final.jsonl baseline
 
-Several --minutes train each variant once per length: the preset's learning rate decays to 0 at
-the end of the run's time, so a shorter run is a run of its own, not an early part of a longer
-one. With --dynamic each run also reports its bpb under dynamic evaluation
+Several --minutes (5,10,15) train each variant once per length: the preset's learning rate
+decays to 0 at the end of the run's time, so a shorter run is a run of its own, not an early part
+of a longer one. With --dynamic each run also reports its bpb under dynamic evaluation
 (`shaq.evaluate.evaluate_dynamic`, its lr picked on the first 128 kB of valid, with the rows of
 the static figures) and zlib, bz2 and lzma at their strongest settings on the same bytes.
 
-A variant is space-separated key=value settings (values in JSON: strings quoted): any TrainConfig
-or SHARNNConfig field, and `qrnn_init=reference`, which initialises the QRNN gate Linears as the
-reference initialised every other Linear (N(0, 0.1/sqrt(d)), zero bias) instead of PyTorch's
-default.
+A variant is space-separated key=value settings (values in JSON, or bare words for strings): any
+TrainConfig or SHARNNConfig field, and `qrnn_init=reference`, which initialises the QRNN gate
+Linears as the reference initialised every other Linear (N(0, 0.1/sqrt(d)), zero bias) instead of
+PyTorch's default.
 """
 
 import argparse
@@ -48,7 +48,10 @@ def parse_variant(text: str) -> dict:
         if item == "baseline":
             continue
         key, _, value = item.partition("=")
-        settings[key] = json.loads(value) if value not in ("reference", "torch") else value
+        try:
+            settings[key] = json.loads(value)
+        except json.JSONDecodeError:  # a bare word: 'decay=linear', 'qrnn_init=reference'
+            settings[key] = value
     return settings
 
 
@@ -150,7 +153,7 @@ def table(path: Path) -> Table:
         row = [r["variant"], r["minutes"], r["steps"], r["bytes"] / 1e6]
         row += [round(r["bytes_per_second"]), r["valid_bpb"], r["test_bpb"]]
         if dynamic:
-            row += [r.get("dynamic_valid_bpb", ""), r.get("dynamic_test_bpb", "")]
+            row += [r.get("dynamic_valid_bpb"), r.get("dynamic_test_bpb")]
         body.append(row)
     return Table(headers, body)
 
@@ -163,7 +166,10 @@ def main() -> int:
         "variants", nargs="*", help="settings of each run, e.g. 'baseline' 'lr=4e-3'"
     )
     parser.add_argument(
-        "--minutes", type=float, nargs="+", default=[5.0], help="one run of each length"
+        "--minutes",
+        type=lambda text: [float(m) for m in text.split(",")],
+        default=[5.0],
+        help="minutes of each run; several, comma-separated (5,10,15), for one run of each",
     )
     parser.add_argument("--out", type=Path, default=Path("sweep.jsonl"))
     parser.add_argument(
